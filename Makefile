@@ -1,0 +1,46 @@
+# market: PGXS build of the extension, plus the project's own targets.
+#
+#   make demo     a local cluster, a sample catalog, a flash sale (test/tools/demo.sh)
+#   make test     every suite on throwaway clusters (test/tools/run-tests.sh)
+#   make bench    the pgbench benchmarks (test/bench/run.sh), not part of CI
+#
+# The PGXS targets (all, install, installcheck) work as usual; installcheck
+# starts its own temporary cluster with the library preloaded.
+
+EXTENSION  = market
+MODULE_big = market
+OBJS = \
+	src/market.o \
+	src/inventory.o \
+	src/reservation.o \
+	src/stock.o \
+	src/expiry.o \
+	src/worker.o
+
+DATA = $(wildcard sql/market--*.sql)
+
+PG_CPPFLAGS = -Isrc
+PG_CFLAGS = -Werror -Wmissing-prototypes -Wshadow=compatible-local
+
+# pg_regress suites: behaviour and bad input (sql/ + expected/)
+REGRESS = catalog stock reserve reservation_lifecycle expiry privileges verify
+REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
+
+# isolation specs (test/isolation/specs + test/isolation/expected)
+ISOLATION = $(basename $(notdir $(wildcard test/isolation/specs/*.spec)))
+ISOLATION_OPTS = --inputdir=test/isolation --outputdir=output_iso \
+	--temp-instance=./tmp_check/isolation --temp-config=test/isolation.conf
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+.PHONY: test demo bench
+test:
+	bash test/tools/run-tests.sh
+
+demo:
+	bash test/tools/demo.sh
+
+bench:
+	bash test/bench/run.sh
