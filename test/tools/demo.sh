@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# `make demo`: a throwaway cluster, a small catalog and a flash sale.
+#
+# Installs the Debian packages, builds and installs the extension, then, as
+# the postgres OS user (or as yourself when not root), creates a cluster in
+# a scratch directory with market and pg_cron preloaded, loads a catalog and
+# lets 32 concurrent pgbench clients fight over one hot SKU.  About half the
+# reservations are committed (sold); the rest are left to expire after a
+# 3-second TTL so that the expiry worker returns their units.  The report at
+# the end checks that nothing was oversold and that market.verify_inventory()
+# finds nothing wrong.  The cluster and the scratch directory are removed on
+# exit.
+#
+# Environment: DEMO_UNITS (500), DEMO_CLIENTS (32), DEMO_TX_PER_CLIENT (40),
+# KEEP_SCRATCH=1 to keep the scratch directory (the cluster is still stopped).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+UNITS=${DEMO_UNITS:-500}
+CLIENTS=${DEMO_CLIENTS:-32}
+TX=${DEMO_TX_PER_CLIENT:-40}
+TTL_S=3
+
+if [ "$(id -u)" -eq 0 ]; then
+	SUDO=()
+	as_pg() { runuser -u postgres -- "$@"; }
+	OSUSER=postgres
+else
+	SUDO=(sudo)
+	as_pg() { "$@"; }
+	OSUSER=$(id -un)
+fi
+
+step() { printf '\n--- %s\n' "$*"; }
+
+step "dependencies"
+bash test/tools/install-deps.sh
+
+step "build and install"
+make -s -j"$(nproc)"
+"${SUDO[@]}" make -s install
+
+PG_CONFIG=${PG_CONFIG:-pg_config}
+BINDIR=$("$PG_CONFIG" --bindir)
+
+SCRATCH=$(mktemp -d /tmp/market-demo.XXXXXX)
+[ "$(id -u)" -eq 0 ] && chown postgres:postgres "$SCRATCH"
+PGDATA_DIR=$SCRATCH/data
+
+cleanup() {
+	local rc=$?
+	if [ -f "$PGDATA_DIR/postmaster.pid" ]; then
+		as_pg "$BINDIR/pg_ctl" -D "$PGDATA_DIR" stop -m fast >/dev/null 2>&1 \
+			|| as_pg "$BINDIR/pg_ctl" -D "$PGDATA_DIR" stop -m immediate >/dev/null 2>&1 || true
+	fi
+	if [ "$rc" -ne 0 ] && [ -f "$SCRATCH/server.log" ]; then
+		echo "--- last lines of the server log:"
+		tail -n 30 "$SCRATCH/server.log"
+	fi
+	if [ -n "${KEEP_SCRATCH:-}" ]; then
+		echo "scratch directory kept: $SCRATCH"
+	else
+		rm -rf "$SCRATCH"
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# a port nothing listens on (the server also gets its own socket directory)
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+PORT=
+for _ in $(seq 1 50); do
+	p=$(( 20000 + RANDOM % 30000 ))
+	if ! port_in_use "$p"; then PORT=$p; break; fi
+done
+[ -n "$PORT" ] || { echo "no free port found" >&2; exit 1; }
+
+step "cluster in $SCRATCH (port $PORT, OS user $OSUSER)"
+as_pg "$BINDIR/initdb" -D "$PGDATA_DIR" -U postgres -A trust --no-sync -E UTF8 >"$SCRATCH/initdb.log" 2>&1 \
+	|| { cat "$SCRATCH/initdb.log"; exit 1; }
+as_pg tee -a "$PGDATA_DIR/postgresql.conf" >/dev/null <<EOF
+
+# market demo
+listen_addresses = ''
+port = $PORT
+unix_socket_directories = '$SCRATCH'
+max_connections = 100
+fsync = off
+EOF
+
+pg_ctl_() { as_pg "$BINDIR/pg_ctl" -D "$PGDATA_DIR" -l "$SCRATCH/server.log" -w -t 60 "$@" >/dev/null; }
+PSQL=(as_pg "$BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h "$SCRATCH" -p "$PORT" -U postgres)
+q() { "${PSQL[@]}" -At -d market_demo -c "$1"; }
+
+# As a DBA would: the database first, then the libraries preloaded (the
+# expiry worker serves market.database), a restart, then the extension.
+pg_ctl_ start
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE market_demo"
+as_pg tee -a "$PGDATA_DIR/postgresql.conf" >/dev/null <<EOF
+shared_preload_libraries = 'market,pg_cron'
+market.database = 'market_demo'
+cron.database_name = 'market_demo'
+EOF
+pg_ctl_ restart
+"${PSQL[@]}" -d market_demo -c "CREATE EXTENSION market"
+echo "database market_demo with extension market $(q "SELECT extversion FROM pg_extension WHERE extname = 'market'")"
+
+step "catalog"
+"${PSQL[@]}" -d market_demo <<'EOF'
+CREATE SCHEMA demo;
+CREATE TABLE demo.ids (name text PRIMARY KEY, id bigint NOT NULL);
+
+DO $$
+DECLARE
+	s1 bigint := market.seller_create('Northwind Audio');
+	s2 bigint := market.seller_create('Kettle & Co');
+	s3 bigint := market.seller_create('Trailhead Outdoor');
+	w1 int := market.warehouse_create('fra-1', 'Frankfurt', 10);
+	w2 int := market.warehouse_create('ams-1', 'Amsterdam', 20);
+	p bigint;
+	k bigint;
+BEGIN
+	-- the hot product of the flash sale
+	p := market.product_create(s1, 'Noise-cancelling headphones X1', 'Over-ear, 30 h battery',
+							   'Northwind', 'electronics/audio', '{"wireless": true}');
+	k := market.sku_create(p, 'NW-X1-BLK', 19900, 'EUR', '{"colour": "black"}');
+	INSERT INTO demo.ids VALUES ('hot_sku', k);
+	k := market.sku_create(p, 'NW-X1-SLV', 19900, 'EUR', '{"colour": "silver"}');
+	PERFORM market.stock_set(k, w1, 40);
+	PERFORM market.stock_set(k, w2, 15);
+
+	p := market.product_create(s1, 'Bluetooth speaker mini', category => 'electronics/audio');
+	k := market.sku_create(p, 'NW-MINI', 4900, 'EUR');
+	PERFORM market.stock_set(k, w1, 120);
+
+	p := market.product_create(s2, 'Gooseneck kettle 1 l', brand => 'Kettle & Co', category => 'home/kitchen');
+	k := market.sku_create(p, 'KC-GN-1L', 6900, 'EUR');
+	PERFORM market.stock_set(k, w1, 30);
+	PERFORM market.stock_set(k, w2, 30);
+	p := market.product_create(s2, 'Ceramic pour-over dripper', category => 'home/kitchen');
+	k := market.sku_create(p, 'KC-DRIP-WHT', 2500, 'EUR', '{"colour": "white"}');
+	PERFORM market.stock_set(k, w2, 75);
+
+	p := market.product_create(s3, 'Trail running shoe', category => 'sports/running');
+	FOR size IN 40..45 LOOP
+		k := market.sku_create(p, 'TH-TRAIL-' || size, 12900, 'EUR', jsonb_build_object('size', size));
+		PERFORM market.stock_set(k, w1, 10 + size % 4);
+		PERFORM market.stock_set(k, w2, 5);
+	END LOOP;
+	p := market.product_create(s3, 'Headlamp 400 lm', category => 'sports/outdoor');
+	k := market.sku_create(p, 'TH-LAMP-400', 3900, 'EUR');
+	PERFORM market.stock_set(k, w2, 60);
+END
+$$;
+EOF
+HOT=$(q "SELECT id FROM demo.ids WHERE name = 'hot_sku'")
+W1=$(q "SELECT id FROM market.warehouses WHERE code = 'fra-1'")
+W2=$(q "SELECT id FROM market.warehouses WHERE code = 'ams-1'")
+# the hot SKU's units: 70 % in the preferred warehouse, the rest in the other
+q "SELECT market.stock_set($HOT, $W1, $(( UNITS * 7 / 10 ))), market.stock_set($HOT, $W2, $(( UNITS - UNITS * 7 / 10 )))" >/dev/null
+echo "$(q "SELECT count(*) FROM market.sellers") sellers, $(q "SELECT count(*) FROM market.products") products, $(q "SELECT count(*) FROM market.skus") SKUs, $(q "SELECT count(*) FROM market.warehouses") warehouses, $(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels") units on hand"
+"${PSQL[@]}" -d market_demo -c "SELECT k.sku_code, w.code AS warehouse, l.on_hand, l.free, l.slots
+  FROM market.stock_levels l JOIN market.skus k ON k.id = l.sku_id JOIN market.warehouses w ON w.id = l.warehouse_id
+ WHERE l.sku_id = $HOT ORDER BY w.priority"
+
+# The shop connects as a market_app member, as an application would.  It
+# reserves one unit; when the hot SKU is sold out the reservation fails with
+# MK001, which the shop takes as "sold out", not as an error.
+"${PSQL[@]}" -d market_demo <<EOF
+CREATE ROLE shop LOGIN IN ROLE market_app;
+CREATE FUNCTION demo.try_reserve(sku bigint, ttl interval) RETURNS text
+LANGUAGE plpgsql AS \$\$
+BEGIN
+	RETURN market.reserve(jsonb_build_array(jsonb_build_object('sku_id', sku, 'qty', 1)), ttl)::text;
+EXCEPTION WHEN SQLSTATE 'MK001' THEN
+	RETURN 'sold-out';
+END
+\$\$;
+GRANT USAGE ON SCHEMA demo TO shop;
+GRANT EXECUTE ON FUNCTION demo.try_reserve(bigint, interval) TO shop;
+EOF
+
+# Every transaction tries to reserve one unit; a coin decides whether the
+# customer pays (reservation_commit, a separate transaction) or walks away
+# and lets the reservation expire.
+cat >"$SCRATCH/flash_sale.sql" <<EOF
+\\set pay random(0, 1)
+SELECT demo.try_reserve($HOT, '$TTL_S seconds') AS rid \\gset
+\\if :pay
+SELECT market.reservation_commit(CAST(':rid' AS uuid)) WHERE ':rid' <> 'sold-out';
+\\endif
+EOF
+[ "$(id -u)" -eq 0 ] && chown postgres "$SCRATCH/flash_sale.sql"
+
+step "expiry worker"
+for _ in $(seq 1 50); do
+	[ "$(q "SELECT running FROM market.worker_status()")" = t ] && break
+	sleep 0.2
+done
+"${PSQL[@]}" -d market_demo -c "SELECT running, pid, database FROM market.worker_status()"
+
+BEFORE=$(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels WHERE sku_id = $HOT")
+step "flash sale: $CLIENTS clients x $TX attempts on $BEFORE units of SKU $HOT (TTL ${TTL_S}s)"
+T_SALE=$(date +%s%N)
+as_pg "$BINDIR/pgbench" -n -c "$CLIENTS" -j "$(nproc)" -t "$TX" -f "$SCRATCH/flash_sale.sql" \
+	-h "$SCRATCH" -p "$PORT" -U shop market_demo >"$SCRATCH/pgbench.log" 2>&1 \
+	|| { cat "$SCRATCH/pgbench.log"; echo "pgbench failed" >&2; exit 1; }
+grep -E 'number of transactions actually processed|number of failed|latency average|^tps' "$SCRATCH/pgbench.log"
+ATTEMPTS=$(sed -nE 's/^number of transactions actually processed: ([0-9]+).*/\1/p' "$SCRATCH/pgbench.log")
+echo "right after the sale: available $(q "SELECT market.available($HOT)"), held $(q "SELECT count(*) FROM market.reservations WHERE status = 'held'") reservations"
+
+step "waiting for the expiry worker to return the abandoned reservations"
+for i in $(seq 1 60); do
+	HELD=$(q "SELECT count(*) FROM market.reservations WHERE status = 'held'")
+	AVAIL=$(q "SELECT market.available($HOT)")
+	ONHAND=$(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels WHERE sku_id = $HOT")
+	FREE=$(q "SELECT coalesce(sum(free), 0) FROM market.stock_levels WHERE sku_id = $HOT")
+	ms=$(( ($(date +%s%N) - T_SALE) / 1000000 ))
+	printf '  %3d.%ds after the sale began: %s held, available %s, free in slots %s\n' \
+		$(( ms / 1000 )) $(( ms % 1000 / 100 )) "$HELD" "$AVAIL" "$FREE"
+	[ "$HELD" -eq 0 ] && [ "$FREE" -eq "$ONHAND" ] && break
+	sleep 1
+done
+WORKER_OK=yes
+[ "$HELD" -eq 0 ] && [ "$FREE" -eq "$ONHAND" ] || WORKER_OK=no
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+RESERVED=$(q "SELECT count(*) FROM market.reservations WHERE $HOT = ANY (sku_ids)")
+SOLD=$(q "SELECT coalesce(sum(qty), 0) FROM market.reservation_lines WHERE sku_id = $HOT AND status = 'committed'")
+SOLD_LEDGER=$(q "SELECT coalesce(-sum(delta), 0) FROM market.stock_ledger WHERE sku_id = $HOT AND kind = 'sale'")
+COMMITTED=$(q "SELECT count(*) FROM market.reservations WHERE $HOT = ANY (sku_ids) AND status = 'committed'")
+EXPIRED=$(q "SELECT count(*) FROM market.reservations WHERE status = 'expired'")
+AFTER_ONHAND=$(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels WHERE sku_id = $HOT")
+AFTER_AVAIL=$(q "SELECT market.available($HOT)")
+AUDIT=$("${PSQL[@]}" -d market_demo -c "SELECT * FROM market.verify_inventory()" -P footer=off -A -F ' | ' -t)
+
+problems=()
+[ "$SOLD" -le "$BEFORE" ] || problems+=("OVERSOLD: $SOLD units sold out of $BEFORE")
+[ "$SOLD" -eq "$SOLD_LEDGER" ] || problems+=("committed reservations sold $SOLD units but the ledger records $SOLD_LEDGER")
+[ "$AFTER_ONHAND" -eq $(( BEFORE - SOLD )) ] || problems+=("on hand after is $AFTER_ONHAND, expected $BEFORE - $SOLD = $(( BEFORE - SOLD ))")
+[ "$AFTER_AVAIL" -eq "$AFTER_ONHAND" ] || problems+=("available after is $AFTER_AVAIL but on hand is $AFTER_ONHAND")
+[ "$WORKER_OK" = yes ] || problems+=("the expiry worker had not returned every expired reservation after 60 s ($HELD still held)")
+[ -z "$AUDIT" ] || problems+=("verify_inventory() found violations")
+
+cat <<EOF
+
+==================== flash sale report ====================
+hot SKU                     $HOT ($(q "SELECT sku_code FROM market.skus WHERE id = $HOT"))
+units on hand before        $BEFORE
+purchase attempts           ${ATTEMPTS:-?} ($CLIENTS concurrent clients)
+reservations made           $RESERVED
+turned away (sold out)      $(( ${ATTEMPTS:-0} - RESERVED ))
+units sold (committed)      $SOLD in $COMMITTED reservations (ledger: $SOLD_LEDGER)
+reservations expired        $EXPIRED (returned by the expiry worker)
+units on hand after         $AFTER_ONHAND
+units available after       $AFTER_AVAIL
+oversell                    $( [ "$SOLD" -le "$BEFORE" ] && echo "none ($SOLD sold <= $BEFORE in stock)" || echo "YES: $SOLD sold > $BEFORE in stock")
+EOF
+"${PSQL[@]}" -d market_demo -c "SELECT w.code AS warehouse, l.on_hand, l.held, l.free
+  FROM market.stock_levels l JOIN market.warehouses w ON w.id = l.warehouse_id
+ WHERE l.sku_id = $HOT ORDER BY w.priority"
+"${PSQL[@]}" -d market_demo -c "SELECT running, expired_total, purged_total, last_run FROM market.worker_status()"
+if [ -z "$AUDIT" ]; then
+	echo "audit: clean (market.verify_inventory() returned no rows)"
+else
+	echo "audit: VIOLATIONS"
+	echo "$AUDIT"
+fi
+if [ ${#problems[@]} -gt 0 ]; then
+	printf 'PROBLEM: %s\n' "${problems[@]}"
+	exit 1
+fi
+echo "demo: ok"
