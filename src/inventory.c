@@ -1,0 +1,772 @@
+/*-------------------------------------------------------------------------
+ *
+ * inventory.c
+ *	  The slot engine: takes units of a SKU out of its slots for a
+ *	  reservation, gives them back, sells them, and re-spreads free units
+ *	  evenly over the slots.
+ *
+ * A (sku, warehouse) pair keeps its units in N slot rows, each with an
+ * on_hand and a free counter, and each guarded by an advisory lock of its
+ * own.  A reservation of qty units:
+ *
+ *	fast path	reads which slots hold >= qty free units and try-locks their
+ *				advisory locks, starting at a slot picked by the backend's pid
+ *				so concurrent sessions spread over the slots; the first one it
+ *				gets that still has the units is decremented.  Nobody waits.
+ *	slot wait	if every fitting slot is busy, queue on one slot's advisory
+ *				lock (a plain FIFO lock queue, not a row-lock pile-up) and
+ *				re-check once it is ours.
+ *	exact path	when no single slot can serve: the pair's advisory lock, then
+ *				every slot row FOR UPDATE in slot order, reclaim expired
+ *				reservations (SKIP LOCKED), count exactly, take across slots
+ *				and re-spread what is left.
+ *	sold out	if our snapshot shows fewer free units than asked (counting
+ *				expired reservations as free), answer at once, no lock taken.
+ *
+ * No oversell is possible because a unit is only ever taken by decrementing
+ * a slot's free counter on a row this transaction holds locked, and the
+ * counter has CHECK (free >= 0).  Lock order is documented in market.h.
+ *
+ * Every function here runs inside an SPI connection opened by its caller.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "miscadmin.h"
+#include "storage/lmgr.h"
+#include "storage/lock.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+
+#include "market.h"
+
+/* the slots of one (sku, warehouse), loaded under lock */
+typedef struct SlotSet
+{
+	int			n;
+	int32	   *slot;
+	int64	   *on_hand;
+	int64	   *free;
+} SlotSet;
+
+/*
+ * Our advisory locks put these in the tag's last field, which the SQL-level
+ * advisory lock functions set to 1 or 2, so ours never meet a user's.
+ */
+#define MARKET_PAIR_LOCK_MARKER	0x4D4B
+#define MARKET_SLOT_LOCK_BIT	0x8000
+
+/*
+ * market_prepare returns the saved plan in *cache, preparing and keeping it
+ * on first use.  Plans live for the backend's lifetime.
+ */
+SPIPlanPtr
+market_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "market: SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "market: SPI_keepplan failed");
+		*cache = plan;
+	}
+	return *cache;
+}
+
+/* run_plan executes a saved plan and fails loudly on an SPI error. */
+static int
+run_plan(SPIPlanPtr plan, Datum *values, int expect, long limit)
+{
+	int			rc = SPI_execute_plan(plan, values, NULL, false, limit);
+
+	if (rc != expect)
+		elog(ERROR, "market: internal query failed: %s", SPI_result_code_string(rc));
+	return (int) SPI_processed;
+}
+
+/* get_int64 reads column col of result row row (int8 or numeric-free). */
+static int64
+get_int64(int row, int col, bool *isnull)
+{
+	bool		null;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, &null);
+
+	if (isnull)
+		*isnull = null;
+	if (null)
+		return 0;
+	switch (SPI_gettypeid(SPI_tuptable->tupdesc, col))
+	{
+		case INT8OID:
+			return DatumGetInt64(d);
+		case INT4OID:
+			return DatumGetInt32(d);
+		default:
+			elog(ERROR, "market: unexpected column type");
+	}
+	return 0;
+}
+
+/* takes_append adds one take to a list, growing it as needed. */
+void
+takes_append(TakeList *list, int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
+{
+	if (list->count == list->capacity)
+	{
+		list->capacity = list->capacity ? list->capacity * 2 : 8;
+		if (list->items)
+			list->items = repalloc(list->items, sizeof(SlotTake) * list->capacity);
+		else
+			list->items = palloc(sizeof(SlotTake) * list->capacity);
+	}
+	list->items[list->count].sku_id = sku_id;
+	list->items[list->count].warehouse_id = warehouse_id;
+	list->items[list->count].slot = slot;
+	list->items[list->count].qty = qty;
+	list->count++;
+}
+
+/* market_sku_exists says whether a SKU id is in the catalog. */
+bool
+market_sku_exists(int64 sku_id)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(sku_id)};
+
+	market_prepare(&plan, "SELECT 1 FROM market.skus WHERE id = $1", 1, types);
+	return run_plan(plan, values, SPI_OK_SELECT, 1) > 0;
+}
+
+/* market_warehouse_exists says whether a warehouse id exists. */
+bool
+market_warehouse_exists(int32 warehouse_id)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(warehouse_id)};
+
+	market_prepare(&plan, "SELECT 1 FROM market.warehouses WHERE id = $1", 1, types);
+	return run_plan(plan, values, SPI_OK_SELECT, 1) > 0;
+}
+
+/* slot_locktag fills the advisory lock tag that guards one slot. */
+static void
+slot_locktag(LOCKTAG *tag, int64 sku_id, int32 warehouse_id, int32 slot)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) sku_id,
+						 (uint32) warehouse_id, MARKET_SLOT_LOCK_BIT | (uint16) slot);
+}
+
+/*
+ * take_from_slot takes qty free units from a slot whose advisory lock we
+ * hold, if it still has them.  Returns false if it does not.
+ */
+static bool
+take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[4] = {INT8OID, INT4OID, INT4OID, INT8OID};
+	Datum		values[4];
+
+	market_prepare(&plan,
+				   "UPDATE market.stock_slots SET free = free - $4"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
+				   4, types);
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	values[2] = Int32GetDatum(slot);
+	values[3] = Int64GetDatum(qty);
+	return run_plan(plan, values, SPI_OK_UPDATE, 0) == 1;
+}
+
+/*
+ * claim_slot is the fast path and the slot wait.  It reads which slots
+ * hold at least qty free units, then tries their advisory locks without
+ * waiting, starting at a slot picked by pid so that concurrent sessions
+ * spread out; the first slot it locks that still has the units is taken.
+ * When every such slot is busy it queues on one of them.  Returns the slot
+ * taken, or -1.
+ */
+static int32
+claim_slot(int64 sku_id, int32 warehouse_id, int64 qty)
+{
+	static SPIPlanPtr fit_plan = NULL;
+	Oid			types[3] = {INT8OID, INT4OID, INT8OID};
+	Datum		values[3];
+	int			nfit;
+	int			start;
+	int32	   *fits;
+	LOCKTAG		tag;
+
+	market_prepare(&fit_plan,
+				   "SELECT slot FROM market.stock_slots"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 AND free >= $3",
+				   3, types);
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	values[2] = Int64GetDatum(qty);
+	nfit = run_plan(fit_plan, values, SPI_OK_SELECT, 0);
+	if (nfit == 0)
+		return -1;
+	fits = palloc(sizeof(int32) * nfit);
+	for (int i = 0; i < nfit; i++)
+		fits[i] = (int32) get_int64(i, 1, NULL);
+
+	start = MyProcPid % nfit;
+	for (int k = 0; k < nfit; k++)
+	{
+		int32		slot = fits[(start + k) % nfit];
+
+		slot_locktag(&tag, sku_id, warehouse_id, slot);
+		if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
+			continue;
+		if (take_from_slot(sku_id, warehouse_id, slot, qty))
+			return slot;
+		LockRelease(&tag, ExclusiveLock, false);
+	}
+
+	/* every fitting slot is busy: queue behind one holder */
+	slot_locktag(&tag, sku_id, warehouse_id, fits[start]);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	if (take_from_slot(sku_id, warehouse_id, fits[start], qty))
+		return fits[start];
+	LockRelease(&tag, ExclusiveLock, false);
+	return -1;
+}
+
+/* lock_pair_exclusively takes the pair's transaction-level advisory lock. */
+static void
+lock_pair_exclusively(int64 sku_id, int32 warehouse_id)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) sku_id,
+						 (uint32) warehouse_id, MARKET_PAIR_LOCK_MARKER);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * market_lock_all_slots serializes on the pair: its advisory lock, then
+ * every slot row FOR UPDATE in slot order.
+ */
+void
+market_lock_all_slots(int64 sku_id, int32 warehouse_id)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2];
+
+	lock_pair_exclusively(sku_id, warehouse_id);
+	market_prepare(&plan,
+				   "SELECT slot FROM market.stock_slots"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 ORDER BY slot FOR UPDATE",
+				   2, types);
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	run_plan(plan, values, SPI_OK_SELECT, 0);
+}
+
+/* load_slots reads the pair's slots (which the caller has locked). */
+static void
+load_slots(int64 sku_id, int32 warehouse_id, SlotSet *set)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2];
+	int			n;
+
+	market_prepare(&plan,
+				   "SELECT slot, on_hand, free FROM market.stock_slots"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 ORDER BY slot",
+				   2, types);
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	n = run_plan(plan, values, SPI_OK_SELECT, 0);
+
+	set->n = n;
+	set->slot = palloc(sizeof(int32) * Max(n, 1));
+	set->on_hand = palloc(sizeof(int64) * Max(n, 1));
+	set->free = palloc(sizeof(int64) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		set->slot[i] = (int32) get_int64(i, 1, NULL);
+		set->on_hand[i] = get_int64(i, 2, NULL);
+		set->free[i] = get_int64(i, 3, NULL);
+	}
+}
+
+/* store_slots writes every slot's counters back in one statement. */
+static void
+store_slots(int64 sku_id, int32 warehouse_id, SlotSet *set)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[5] = {INT8OID, INT4OID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
+	Datum		values[5];
+	Datum	   *slots = palloc(sizeof(Datum) * set->n);
+	Datum	   *on_hand = palloc(sizeof(Datum) * set->n);
+	Datum	   *free_d = palloc(sizeof(Datum) * set->n);
+
+	market_prepare(&plan,
+				   "UPDATE market.stock_slots s SET on_hand = v.on_hand, free = v.free"
+				   " FROM unnest($3, $4, $5) AS v(slot, on_hand, free)"
+				   " WHERE s.sku_id = $1 AND s.warehouse_id = $2 AND s.slot = v.slot"
+				   " AND (s.on_hand, s.free) IS DISTINCT FROM (v.on_hand, v.free)",
+				   5, types);
+	for (int i = 0; i < set->n; i++)
+	{
+		slots[i] = Int32GetDatum(set->slot[i]);
+		on_hand[i] = Int64GetDatum(set->on_hand[i]);
+		free_d[i] = Int64GetDatum(set->free[i]);
+	}
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	values[2] = PointerGetDatum(construct_array(slots, set->n, INT4OID, 4, true, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(on_hand, set->n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[4] = PointerGetDatum(construct_array(free_d, set->n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	run_plan(plan, values, SPI_OK_UPDATE, 0);
+}
+
+/*
+ * spread_free gives every slot an even share of total_free, keeping what
+ * each slot holds for reservations (on_hand - free) where it is.
+ */
+static void
+spread_free(SlotSet *set, int64 total_free)
+{
+	int64		share = total_free / set->n;
+	int64		extra = total_free % set->n;
+
+	for (int i = 0; i < set->n; i++)
+	{
+		int64		held = set->on_hand[i] - set->free[i];
+
+		set->free[i] = share + (i < extra ? 1 : 0);
+		set->on_hand[i] = held + set->free[i];
+	}
+}
+
+/*
+ * market_rebalance (slots locked by the caller) adds add_free units (may be
+ * negative) to the pair's free stock, re-spreads it and reports the new
+ * on-hand and held totals.  The caller has checked free stays >= 0.
+ */
+void
+market_rebalance(int64 sku_id, int32 warehouse_id, int64 add_free,
+				 int64 *on_hand_out, int64 *held_out)
+{
+	SlotSet		set;
+	int64		free_total = 0;
+	int64		held_total = 0;
+
+	load_slots(sku_id, warehouse_id, &set);
+	if (set.n == 0)
+		elog(ERROR, "market: stock of sku %lld has no slots", (long long) sku_id);
+	for (int i = 0; i < set.n; i++)
+	{
+		free_total += set.free[i];
+		held_total += set.on_hand[i] - set.free[i];
+	}
+	Assert(free_total + add_free >= 0);
+	spread_free(&set, free_total + add_free);
+	store_slots(sku_id, warehouse_id, &set);
+	if (on_hand_out)
+		*on_hand_out = held_total + free_total + add_free;
+	if (held_out)
+		*held_out = held_total;
+}
+
+/*
+ * take_exact is the exact path for one pair: serialize, reclaim expired
+ * units, and take qty across slots if the pair holds that many free units.
+ * Returns false (keeping the locks) when it does not.
+ */
+static bool
+take_exact(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
+{
+	SlotSet		set;
+	int64		free_total = 0;
+	int64		remaining = qty;
+
+	market_lock_all_slots(sku_id, warehouse_id);
+	market_reclaim_expired(sku_id, warehouse_id);
+	load_slots(sku_id, warehouse_id, &set);
+	for (int i = 0; i < set.n; i++)
+		free_total += set.free[i];
+	if (free_total < qty)
+		return false;
+
+	for (int i = 0; i < set.n && remaining > 0; i++)
+	{
+		int64		t = Min(set.free[i], remaining);
+
+		if (t <= 0)
+			continue;
+		set.free[i] -= t;		/* now held by us: on_hand - free grows by t */
+		remaining -= t;
+		takes_append(takes, sku_id, warehouse_id, set.slot[i], t);
+	}
+	spread_free(&set, free_total - qty);
+	store_slots(sku_id, warehouse_id, &set);
+	return true;
+}
+
+/*
+ * snapshot_free returns, without locking, the pair's free units plus what
+ * expired-but-not-yet-returned reservations hold there: what the pair
+ * could serve if it were counted exactly right now.
+ */
+static int64
+snapshot_available(int64 sku_id, int32 warehouse_id, bool *has_stock)
+{
+	static SPIPlanPtr free_plan = NULL;
+	static SPIPlanPtr expired_plan = NULL;
+	Oid			types[3] = {INT8OID, INT4OID, TIMESTAMPTZOID};
+	Datum		values[3];
+	int64		avail;
+	bool		isnull;
+
+	market_prepare(&free_plan,
+				   "SELECT sum(free)::int8 FROM market.stock_slots"
+				   " WHERE sku_id = $1 AND ($2 = 0 OR warehouse_id = $2)",
+				   2, types);
+	market_prepare(&expired_plan,
+				   "SELECT sum(l.qty)::int8"
+				   " FROM market.reservations r,"
+				   "      unnest(r.sku_ids, r.warehouse_ids, r.qtys) AS l(sku_id, warehouse_id, qty)"
+				   " WHERE r.status = 'held' AND r.expires_at <= $3"
+				   "   AND l.sku_id = $1 AND ($2 = 0 OR l.warehouse_id = $2)",
+				   3, types);
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	values[2] = TimestampTzGetDatum(GetCurrentTimestamp());
+
+	run_plan(free_plan, values, SPI_OK_SELECT, 1);
+	avail = get_int64(0, 1, &isnull);
+	if (has_stock)
+		*has_stock = !isnull;
+	run_plan(expired_plan, values, SPI_OK_SELECT, 1);
+	avail += get_int64(0, 1, NULL);
+	return avail;
+}
+
+/* market_available_units is market.available()'s core (0 = all warehouses). */
+int64
+market_available_units(int64 sku_id, int32 warehouse_id)
+{
+	bool		has_stock;
+	int64		avail = snapshot_available(sku_id, warehouse_id, &has_stock);
+
+	if (!has_stock)
+	{
+		if (!market_sku_exists(sku_id))
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_SKU),
+					 errmsg("unknown sku"),
+					 errdetail("No SKU has id %lld.", (long long) sku_id)));
+		if (warehouse_id != 0 && !market_warehouse_exists(warehouse_id))
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_WAREHOUSE),
+					 errmsg("unknown warehouse"),
+					 errdetail("No warehouse has id %d.", warehouse_id)));
+	}
+	return avail;
+}
+
+/*
+ * take_from_pair tries fast path, slot wait and exact path on one pair.
+ * Returns false if the pair cannot serve qty units.
+ */
+static bool
+take_from_pair(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
+{
+	int32		slot = claim_slot(sku_id, warehouse_id, qty);
+
+	if (slot >= 0)
+	{
+		takes_append(takes, sku_id, warehouse_id, slot, qty);
+		return true;
+	}
+
+	/* sold out by our snapshot: answer fast, without any lock */
+	if (snapshot_available(sku_id, warehouse_id, NULL) < qty)
+		return false;
+	return take_exact(sku_id, warehouse_id, qty, takes);
+}
+
+/*
+ * market_take_line reserves one (merged) line, appending what it took to
+ * takes, or raises MK001 / MK010 / MK011.
+ */
+void
+market_take_line(const ReserveLine *line, TakeList *takes)
+{
+	static SPIPlanPtr any_plan = NULL;
+	static SPIPlanPtr one_plan = NULL;
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2];
+	int			n;
+	int32	   *warehouses;
+
+	market_prepare(&any_plan,
+				   "SELECT st.warehouse_id FROM market.stock st"
+				   " JOIN market.warehouses w ON w.id = st.warehouse_id"
+				   " WHERE st.sku_id = $1 ORDER BY w.priority, st.warehouse_id",
+				   1, types);
+	market_prepare(&one_plan,
+				   "SELECT warehouse_id FROM market.stock"
+				   " WHERE sku_id = $1 AND warehouse_id = $2",
+				   2, types);
+	values[0] = Int64GetDatum(line->sku_id);
+	values[1] = Int32GetDatum(line->warehouse_id);
+	if (line->warehouse_id == 0)
+		n = run_plan(any_plan, values, SPI_OK_SELECT, 0);
+	else
+		n = run_plan(one_plan, values, SPI_OK_SELECT, 1);
+
+	if (n == 0)
+	{
+		if (!market_sku_exists(line->sku_id))
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_SKU),
+					 errmsg("unknown sku"),
+					 errdetail("No SKU has id %lld.", (long long) line->sku_id)));
+		if (line->warehouse_id != 0 && !market_warehouse_exists(line->warehouse_id))
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_WAREHOUSE),
+					 errmsg("unknown warehouse"),
+					 errdetail("No warehouse has id %d.", line->warehouse_id)));
+	}
+
+	warehouses = palloc(sizeof(int32) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		warehouses[i] = (int32) get_int64(i, 1, NULL);
+
+	for (int i = 0; i < n; i++)
+	{
+		if (take_from_pair(line->sku_id, warehouses[i], line->qty, takes))
+			return;
+	}
+
+	ereport(ERROR,
+			(errcode(MK_INSUFFICIENT_STOCK),
+			 errmsg("insufficient stock"),
+			 errdetail("SKU %lld: %lld requested, %lld available%s.",
+					   (long long) line->sku_id, (long long) line->qty,
+					   (long long) market_available_units(line->sku_id, line->warehouse_id),
+					   line->warehouse_id != 0 ? " in the requested warehouse" : ""),
+			 line->warehouse_id == 0 && n > 1 ?
+			 errhint("A line is served whole from one warehouse; split it to draw on several.") : 0));
+}
+
+/* compare_takes orders takes by (sku, warehouse, slot): the lock order. */
+static int
+compare_takes(const void *a, const void *b)
+{
+	const SlotTake *x = a;
+	const SlotTake *y = b;
+
+	if (x->sku_id != y->sku_id)
+		return x->sku_id < y->sku_id ? -1 : 1;
+	if (x->warehouse_id != y->warehouse_id)
+		return x->warehouse_id < y->warehouse_id ? -1 : 1;
+	if (x->slot != y->slot)
+		return x->slot < y->slot ? -1 : 1;
+	return 0;
+}
+
+/* takes_to_arrays builds the sku/warehouse/slot/qty arrays of sorted, merged takes. */
+static int
+takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays)
+{
+	Datum	   *sku = palloc(sizeof(Datum) * ntakes);
+	Datum	   *wh = palloc(sizeof(Datum) * ntakes);
+	Datum	   *slot = palloc(sizeof(Datum) * ntakes);
+	Datum	   *qty = palloc(sizeof(Datum) * ntakes);
+	int			n = 0;
+
+	for (int i = 0; i < ntakes; i++)
+	{
+		if (n > 0 && compare_takes(&takes[i], &takes[i - 1]) == 0)
+		{
+			qty[n - 1] = Int64GetDatum(DatumGetInt64(qty[n - 1]) + takes[i].qty);
+			continue;
+		}
+		sku[n] = Int64GetDatum(takes[i].sku_id);
+		wh[n] = Int32GetDatum(takes[i].warehouse_id);
+		slot[n] = Int32GetDatum(takes[i].slot);
+		qty[n] = Int64GetDatum(takes[i].qty);
+		n++;
+	}
+	arrays[0] = PointerGetDatum(construct_array(sku, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	arrays[1] = PointerGetDatum(construct_array(wh, n, INT4OID, 4, true, TYPALIGN_INT));
+	arrays[2] = PointerGetDatum(construct_array(slot, n, INT4OID, 4, true, TYPALIGN_INT));
+	arrays[3] = PointerGetDatum(construct_array(qty, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	return n;
+}
+
+/*
+ * market_return_units gives the units of finished reservations back to
+ * their slots (sold = false), or removes them from stock for good and
+ * writes the sale rows of the ledger (sold = true, one reservation).
+ * Slots are locked in (sku, warehouse, slot) order before being changed.
+ */
+void
+market_return_units(const SlotTake *takes_in, int ntakes, bool sold,
+					pg_uuid_t *reservation)
+{
+	static SPIPlanPtr lock_plan = NULL;
+	static SPIPlanPtr free_plan = NULL;
+	static SPIPlanPtr sell_plan = NULL;
+	static SPIPlanPtr ledger_plan = NULL;
+	Oid			types[5] = {INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, UUIDOID};
+	Datum		values[5];
+	SlotTake   *takes;
+	int			n;
+
+	if (ntakes == 0)
+		return;
+	takes = palloc(sizeof(SlotTake) * ntakes);
+	memcpy(takes, takes_in, sizeof(SlotTake) * ntakes);
+	qsort(takes, ntakes, sizeof(SlotTake), compare_takes);
+	n = takes_to_arrays(takes, ntakes, values);
+
+	market_prepare(&lock_plan,
+				   "SELECT 1 FROM market.stock_slots s"
+				   " JOIN unnest($1, $2, $3) AS v(sku_id, warehouse_id, slot)"
+				   "   ON s.sku_id = v.sku_id AND s.warehouse_id = v.warehouse_id AND s.slot = v.slot"
+				   " ORDER BY s.sku_id, s.warehouse_id, s.slot FOR UPDATE OF s",
+				   3, types);
+	market_prepare(&free_plan,
+				   "UPDATE market.stock_slots s SET free = s.free + v.qty"
+				   " FROM unnest($1, $2, $3, $4) AS v(sku_id, warehouse_id, slot, qty)"
+				   " WHERE s.sku_id = v.sku_id AND s.warehouse_id = v.warehouse_id AND s.slot = v.slot",
+				   4, types);
+	market_prepare(&sell_plan,
+				   "UPDATE market.stock_slots s SET on_hand = s.on_hand - v.qty"
+				   " FROM unnest($1, $2, $3, $4) AS v(sku_id, warehouse_id, slot, qty)"
+				   " WHERE s.sku_id = v.sku_id AND s.warehouse_id = v.warehouse_id AND s.slot = v.slot",
+				   4, types);
+	market_prepare(&ledger_plan,
+				   "INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind, reservation_id)"
+				   " SELECT v.sku_id, v.warehouse_id, -sum(v.qty)::int8, 'sale', $5"
+				   " FROM unnest($1, $2, $4) AS v(sku_id, warehouse_id, qty)"
+				   " GROUP BY v.sku_id, v.warehouse_id ORDER BY v.sku_id, v.warehouse_id",
+				   5, types);
+
+	if (n > 1)
+		run_plan(lock_plan, values, SPI_OK_SELECT, 0);
+	if (run_plan(sold ? sell_plan : free_plan, values, SPI_OK_UPDATE, 0) != n)
+		elog(ERROR, "market: a reserved slot is missing");
+	if (sold)
+	{
+		values[4] = UUIDPGetDatum(reservation);
+		run_plan(ledger_plan, values, SPI_OK_INSERT, 0);
+	}
+}
+
+/*
+ * market_reclaim_expired (pair locked by the caller) returns the units of
+ * expired reservations that hold units of the pair, so the exact path can
+ * count them.  A reservation that another session is finishing, or that
+ * also holds a slot someone else has locked, is left to the worker: we
+ * never wait here.  Returns how many reservations it expired.
+ */
+int
+market_reclaim_expired(int64 sku_id, int32 warehouse_id)
+{
+	static SPIPlanPtr pick_plan = NULL;
+	static SPIPlanPtr trylock_plan = NULL;
+	static SPIPlanPtr mark_plan = NULL;
+	Oid			types[3] = {INT8OID, INT4OID, TIMESTAMPTZOID};
+	Oid			try_types[3] = {INT8OID, INT4OID, INT4OID};
+	Oid			mark_types[2] = {UUIDOID, TIMESTAMPTZOID};
+	Datum		values[3];
+	TimestampTz now = GetCurrentTimestamp();
+	SPITupleTable *picked;
+	int			npicked;
+	int			reclaimed = 0;
+
+	market_prepare(&pick_plan,
+				   "SELECT r.id, r.sku_ids, r.warehouse_ids, r.slots, r.qtys"
+				   " FROM market.reservations r"
+				   " WHERE r.status = 'held' AND r.expires_at <= $3 AND $1 = ANY (r.sku_ids)"
+				   "   AND $2 = ANY (r.warehouse_ids)"
+				   " ORDER BY r.expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
+				   3, types);
+	market_prepare(&trylock_plan,
+				   "SELECT 1 FROM market.stock_slots"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 FOR UPDATE SKIP LOCKED",
+				   3, try_types);
+	market_prepare(&mark_plan,
+				   "UPDATE market.reservations SET status = 'expired', finished_at = $2"
+				   " WHERE id = $1",
+				   2, mark_types);
+
+	values[0] = Int64GetDatum(sku_id);
+	values[1] = Int32GetDatum(warehouse_id);
+	values[2] = TimestampTzGetDatum(now);
+	npicked = run_plan(pick_plan, values, SPI_OK_SELECT, 0);
+	picked = SPI_tuptable;
+
+	for (int r = 0; r < npicked; r++)
+	{
+		HeapTuple	tup = picked->vals[r];
+		TupleDesc	desc = picked->tupdesc;
+		bool		isnull;
+		Datum		id = SPI_getbinval(tup, desc, 1, &isnull);
+		TakeList	lines = {0};
+		bool		all_locked = true;
+		Datum	   *skus,
+				   *whs,
+				   *slots,
+				   *qtys;
+		int			nl;
+
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull)),
+						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &skus, NULL, &nl);
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 3, &isnull)),
+						  INT4OID, 4, true, TYPALIGN_INT, &whs, NULL, &nl);
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull)),
+						  INT4OID, 4, true, TYPALIGN_INT, &slots, NULL, &nl);
+		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 5, &isnull)),
+						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &qtys, NULL, &nl);
+
+		for (int i = 0; i < nl; i++)
+		{
+			Datum		tv[3] = {skus[i], whs[i], slots[i]};
+
+			takes_append(&lines, DatumGetInt64(skus[i]), DatumGetInt32(whs[i]),
+						 DatumGetInt32(slots[i]), DatumGetInt64(qtys[i]));
+			if (DatumGetInt64(skus[i]) == sku_id && DatumGetInt32(whs[i]) == warehouse_id)
+				continue;
+			if (run_plan(trylock_plan, tv, SPI_OK_SELECT, 1) == 0)
+			{
+				all_locked = false;
+				break;
+			}
+		}
+		if (!all_locked)
+			continue;
+
+		market_return_units(lines.items, lines.count, false, NULL);
+		{
+			Datum		mv[2] = {id, TimestampTzGetDatum(now)};
+
+			run_plan(mark_plan, mv, SPI_OK_UPDATE, 0);
+		}
+		reclaimed++;
+	}
+	if (reclaimed > 0 && market_shared != NULL)
+		pg_atomic_fetch_add_u64(&market_shared->expired_total, reclaimed);
+	return reclaimed;
+}

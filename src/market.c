@@ -1,0 +1,180 @@
+/*-------------------------------------------------------------------------
+ *
+ * market.c
+ *	  Module entry: GUC definitions, the shared-memory state the backends
+ *	  share with the expiry worker, and the worker's registration.
+ *
+ * Shared memory is one MarketShared struct, created in the shmem startup
+ * hook under AddinShmemInitLock and afterwards touched only through
+ * atomics (see market.h).  Without shared_preload_libraries there is no
+ * shared state and no worker: every function still works, and expiry is
+ * then driven by market.expire_reservations() (for instance from pg_cron).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+#include "market.h"
+
+PG_MODULE_MAGIC;
+
+int			market_reservation_ttl_s = 900;
+int			market_max_line_qty = 1000000;
+int			market_max_reservation_lines = 500;
+int			market_stock_slots = 32;
+int			market_expiry_batch_size = 1000;
+int			market_expiry_max_naptime_ms = 10000;
+int			market_reservation_retention_s = 7 * 86400;
+bool		market_expiry_worker_enabled = true;
+char	   *market_database = NULL;
+
+MarketShared *market_shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+
+/* market_shmem_request asks the postmaster for our shared struct. */
+static void
+market_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(MarketShared)));
+}
+
+/* market_shmem_startup creates or attaches the shared struct. */
+static void
+market_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	market_shared = ShmemInitStruct("market", sizeof(MarketShared), &found);
+	if (!found)
+	{
+		pg_atomic_init_u32(&market_shared->worker_pid, 0);
+		pg_atomic_init_u32(&market_shared->worker_procno, 0);
+		pg_atomic_init_u64(&market_shared->planned_wakeup, PG_INT64_MAX);
+		pg_atomic_init_u64(&market_shared->requested_wakeup, PG_INT64_MAX);
+		pg_atomic_init_u64(&market_shared->expired_total, 0);
+		pg_atomic_init_u64(&market_shared->purged_total, 0);
+		pg_atomic_init_u64(&market_shared->last_run, 0);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* define_gucs declares every market.* setting (documented in docs/gucs.md). */
+static void
+define_gucs(void)
+{
+	DefineCustomIntVariable("market.reservation_ttl",
+							"Default time to live of a reservation.",
+							"Used by market.reserve() when no ttl is given.",
+							&market_reservation_ttl_s, 900, 1, 86400,
+							PGC_USERSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.max_line_qty",
+							"Largest quantity one reservation line may ask for.",
+							NULL,
+							&market_max_line_qty, 1000000, 1, INT_MAX,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.max_reservation_lines",
+							"Largest number of lines in one reservation.",
+							NULL,
+							&market_max_reservation_lines, 500, 1, 100000,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.stock_slots",
+							"Number of slots new stock is spread over.",
+							"More slots let more sessions reserve one SKU at once.",
+							&market_stock_slots, 32, 1, MARKET_MAX_SLOTS,
+							PGC_SUSET, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.expiry_batch_size",
+							"Reservations the expiry worker returns per transaction.",
+							NULL,
+							&market_expiry_batch_size, 1000, 1, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.expiry_max_naptime",
+							"Longest the expiry worker sleeps between passes.",
+							"It normally sleeps until the next expiry; this is a safety net.",
+							&market_expiry_max_naptime_ms, 10000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.reservation_retention",
+							"How long finished reservations are kept before the worker purges them.",
+							"0 keeps them forever.",
+							&market_reservation_retention_s, 7 * 86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomBoolVariable("market.expiry_worker",
+							 "Starts the reservation expiry worker.",
+							 "Only effective when market is in shared_preload_libraries.",
+							 &market_expiry_worker_enabled, true,
+							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("market.database",
+							   "Database the expiry worker serves.",
+							   NULL,
+							   &market_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	MarkGUCPrefixReserved("market");
+}
+
+/* _PG_init defines the GUCs and, when preloaded, shared memory and the worker. */
+void
+_PG_init(void)
+{
+	define_gucs();
+
+	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
+		return;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = market_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = market_shmem_startup;
+
+	if (market_expiry_worker_enabled)
+		market_register_worker();
+}
+
+/*
+ * market_note_expiry tells the worker about a reservation expiring earlier
+ * than it planned to look, so a short TTL is honoured on time.  It costs
+ * one atomic read when the worker already plans to wake in time.
+ */
+void
+market_note_expiry(TimestampTz expires_at)
+{
+	uint64		cur;
+	uint32		pid;
+
+	if (market_shared == NULL)
+		return;
+	if ((uint64) expires_at >= pg_atomic_read_u64(&market_shared->planned_wakeup))
+		return;
+
+	cur = pg_atomic_read_u64(&market_shared->requested_wakeup);
+	while ((uint64) expires_at < cur &&
+		   !pg_atomic_compare_exchange_u64(&market_shared->requested_wakeup,
+										   &cur, (uint64) expires_at))
+		;
+
+	pid = pg_atomic_read_u32(&market_shared->worker_pid);
+	if (pid != 0)
+	{
+		uint32		procno = pg_atomic_read_u32(&market_shared->worker_procno);
+
+		if (procno < ProcGlobal->allProcCount)
+			SetLatch(&ProcGlobal->allProcs[procno].procLatch);
+	}
+}

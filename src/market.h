@@ -1,0 +1,130 @@
+/*-------------------------------------------------------------------------
+ *
+ * market.h
+ *	  Declarations shared by the market extension's C files: SQLSTATEs,
+ *	  GUC variables, the shared-memory state and the inventory core.
+ *
+ * Locking protocol (the whole extension keeps to it, so no deadlock can be
+ * built out of our own calls):
+ *
+ *	1. A reservation touches (sku, warehouse) pairs in ascending sku order,
+ *	   and for one SKU the warehouses in (priority, id) order.
+ *	2. Within one (sku, warehouse) a session either claims one slot without
+ *	   waiting (FOR UPDATE SKIP LOCKED), waits for exactly one slot, or takes
+ *	   the "exact path": the transaction-level advisory lock of the pair
+ *	   first, then every slot row FOR UPDATE in slot order.
+ *	3. Reservation rows are locked before slot rows by the functions that end
+ *	   a reservation (commit, release, expire); reserve never waits for a
+ *	   reservation row (it uses SKIP LOCKED on them).
+ *	4. The shared-memory state below is only read or written with atomics;
+ *	   no LWLock is involved.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MARKET_H
+#define MARKET_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "executor/spi.h"
+#include "port/atomics.h"
+#include "utils/uuid.h"
+
+/* SQLSTATEs of class MK (listed in docs/sqlstates.md) */
+#define MK_INSUFFICIENT_STOCK		MAKE_SQLSTATE('M','K','0','0','1')
+#define MK_RESERVATION_NOT_LIVE		MAKE_SQLSTATE('M','K','0','0','2')
+#define MK_UNKNOWN_SKU				MAKE_SQLSTATE('M','K','0','1','0')
+#define MK_UNKNOWN_WAREHOUSE		MAKE_SQLSTATE('M','K','0','1','1')
+#define MK_INVALID_ARGUMENT			MAKE_SQLSTATE('M','K','0','2','0')
+#define MK_INVALID_DOCUMENT			MAKE_SQLSTATE('M','K','0','2','1')
+#define MK_TTL_OUT_OF_RANGE			MAKE_SQLSTATE('M','K','0','2','3')
+#define MK_BELOW_RESERVED			MAKE_SQLSTATE('M','K','0','2','4')
+#define MK_NEGATIVE_STOCK			MAKE_SQLSTATE('M','K','0','2','5')
+
+/* limits that are not settings */
+#define MARKET_MAX_ON_HAND			INT64CONST(1000000000000)
+#define MARKET_MAX_SLOTS			1024
+#define MARKET_MAX_OWNER_LEN		200
+
+/* GUC variables (src/market.c) */
+extern int	market_reservation_ttl_s;
+extern int	market_max_line_qty;
+extern int	market_max_reservation_lines;
+extern int	market_stock_slots;
+extern int	market_expiry_batch_size;
+extern int	market_expiry_max_naptime_ms;
+extern int	market_reservation_retention_s;
+extern bool market_expiry_worker_enabled;
+extern char *market_database;
+
+/*
+ * Shared state between backends and the expiry worker.  Everything is an
+ * atomic: backends only ever read planned_wakeup and lower requested_wakeup.
+ */
+typedef struct MarketShared
+{
+	pg_atomic_uint32 worker_pid;		/* 0 when no worker runs */
+	pg_atomic_uint32 worker_procno;		/* PGPROC number, for its latch */
+	pg_atomic_uint64 planned_wakeup;	/* when the worker will next look */
+	pg_atomic_uint64 requested_wakeup;	/* earliest expiry a backend created */
+	pg_atomic_uint64 expired_total;
+	pg_atomic_uint64 purged_total;
+	pg_atomic_uint64 last_run;			/* TimestampTz of the last pass */
+} MarketShared;
+
+extern MarketShared *market_shared;
+
+/* one unit of demand: qty of a SKU, from a given warehouse or any (0) */
+typedef struct ReserveLine
+{
+	int64		sku_id;
+	int32		warehouse_id;	/* 0: the engine picks */
+	int64		qty;
+} ReserveLine;
+
+/* what the engine took: qty units from one slot */
+typedef struct SlotTake
+{
+	int64		sku_id;
+	int32		warehouse_id;
+	int32		slot;
+	int64		qty;
+} SlotTake;
+
+/* a growing array of takes */
+typedef struct TakeList
+{
+	SlotTake   *items;
+	int			count;
+	int			capacity;
+} TakeList;
+
+/* src/market.c */
+extern void market_note_expiry(TimestampTz expires_at);
+
+/* src/inventory.c: the slot engine; callers are inside SPI_connect */
+extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,
+								 int nargs, Oid *argtypes);
+extern void market_take_line(const ReserveLine *line, TakeList *takes);
+extern void market_lock_all_slots(int64 sku_id, int32 warehouse_id);
+extern int	market_reclaim_expired(int64 sku_id, int32 warehouse_id);
+extern void market_rebalance(int64 sku_id, int32 warehouse_id, int64 add_free,
+							 int64 *on_hand_out, int64 *held_out);
+extern void market_return_units(const SlotTake *takes, int ntakes, bool sold,
+								pg_uuid_t *reservation);
+extern void takes_append(TakeList *list, int64 sku_id, int32 warehouse_id,
+						 int32 slot, int64 qty);
+extern bool market_sku_exists(int64 sku_id);
+extern bool market_warehouse_exists(int32 warehouse_id);
+extern int64 market_available_units(int64 sku_id, int32 warehouse_id);
+
+/* src/expiry.c */
+extern int	market_expire_batch(int max_reservations);
+extern int64 market_purge_finished(int max_rows);
+extern TimestampTz market_next_expiry(void);
+
+/* src/worker.c */
+extern void market_register_worker(void);
+
+#endif							/* MARKET_H */
