@@ -31,11 +31,17 @@ ISOLATION = $(basename $(notdir $(wildcard test/isolation/specs/*.spec)))
 ISOLATION_OPTS = --inputdir=test/isolation --outputdir=output_iso \
 	--temp-instance=./tmp_check/isolation --temp-config=test/isolation.conf
 
+# pg_regress creates --temp-instance but not its parent directory
+REGRESS_PREP = tmp_check_dir
+
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-.PHONY: test demo bench
+.PHONY: test demo bench tmp_check_dir
+tmp_check_dir:
+	@mkdir -p tmp_check
+
 test:
 	bash test/tools/run-tests.sh
 

@@ -141,6 +141,7 @@ if [ "$(id -u)" -eq 0 ]; then
 	chown -R postgres:postgres "$SCRATCH"
 fi
 cd "$SCRATCH"
+as_pg mkdir -p tmp_check
 echo "scratch directory: $SCRATCH (servers run as $PGUSER_OS)"
 
 # environment for everything that runs as the server's user
@@ -185,7 +186,7 @@ explain_pg_regress() {
 # even when their output matched.
 EXTRA_FAILED=()
 record_pg_regress() {
-	local suite=$1 rc=$2 secs=$3 log=$4 diffs=$5 instance=$6 p=0 f=0 name x bad
+	local suite=$1 rc=$2 secs=$3 log=$4 diffs=$5 instance=$6 noexp=${7:-0} p=0 f=0 name x bad
 	for name in $(pg_regress_ok "$log"); do
 		bad=
 		for x in "${EXTRA_FAILED[@]}"; do [ "$x" = "$name" ] && bad=1; done
@@ -208,8 +209,8 @@ record_pg_regress() {
 	fi
 	EXTRA_FAILED=()
 	PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
-	if [ "$rc" -ne 0 ] || [ "$f" -ne 0 ]; then
-		note "$suite" FAILED "$secs" "$p passed, $f failed"
+	if [ "$rc" -ne 0 ] || [ "$f" -ne 0 ] || [ "$noexp" -ne 0 ]; then
+		note "$suite" FAILED "$secs" "$p passed, $((f + noexp)) failed$( [ "$noexp" -ne 0 ] && echo " ($noexp without expected output)")"
 		explain_pg_regress "$diffs" "$instance"
 	else
 		note "$suite" ok "$secs" "$p passed"
@@ -220,6 +221,24 @@ record_pg_regress() {
 make_var() {
 	printf '_print_var:\n\t@echo $(%s)\n' "$1" \
 		| make -s --no-print-directory -f Makefile -f - _print_var PG_CONFIG="$PG_CONFIG"
+}
+
+# split test names into RUNNABLE (expected output exists) and the rest,
+# which count as failures: pg_regress stops the whole run at the first test
+# without an expected file, so they are left out of the run.
+#   split_expected SUITE EXPECTED_DIR NAME...
+split_expected() {
+	local suite=$1 dir=$2 n; shift 2
+	RUNNABLE=()
+	for n in "$@"; do
+		if compgen -G "$dir/$n.out" >/dev/null || compgen -G "$dir/${n}_[0-9].out" >/dev/null; then
+			RUNNABLE+=("$n")
+		else
+			echo "FAIL: $suite test $n has no expected output ($dir/$n.out)"
+			FAILED=$((FAILED + 1)); FAILED_NAMES+=("$suite/$n(no expected output)")
+			NOEXP=$((NOEXP + 1))
+		fi
+	done
 }
 
 want() { case " $SUITES " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -241,12 +260,18 @@ if want regress; then
 		echo "skipped: no sql/*.sql test named in REGRESS exists yet"
 		note regress skipped 0 "no files"
 	else
-		t=$(date +%s)
-		run_logged regress.log make installcheck PG_CONFIG="$PG_CONFIG" \
-			REGRESS="${have[*]}" ISOLATION=
-		rc=$?
-		record_pg_regress regress "$rc" $(( $(date +%s) - t )) regress.log \
-			regression.diffs tmp_check/regress
+		NOEXP=0
+		split_expected regress expected "${have[@]}"
+		if [ ${#RUNNABLE[@]} -gt 0 ]; then
+			t=$(date +%s)
+			run_logged regress.log make installcheck PG_CONFIG="$PG_CONFIG" \
+				REGRESS="${RUNNABLE[*]}" ISOLATION=
+			rc=$?
+			record_pg_regress regress "$rc" $(( $(date +%s) - t )) regress.log \
+				regression.diffs tmp_check/regress "$NOEXP"
+		else
+			note regress FAILED 0 "0 passed, $NOEXP failed (no expected output)"
+		fi
 	fi
 fi
 
@@ -260,11 +285,18 @@ if want isolation; then
 		echo "skipped: no test/isolation/specs/*.spec yet"
 		note isolation skipped 0 "no files"
 	else
-		t=$(date +%s)
-		run_logged isolation.log make installcheck PG_CONFIG="$PG_CONFIG" REGRESS=
-		rc=$?
-		record_pg_regress isolation "$rc" $(( $(date +%s) - t )) isolation.log \
-			output_iso/regression.diffs tmp_check/isolation
+		NOEXP=0
+		split_expected isolation test/isolation/expected $specs
+		if [ ${#RUNNABLE[@]} -gt 0 ]; then
+			t=$(date +%s)
+			run_logged isolation.log make installcheck PG_CONFIG="$PG_CONFIG" \
+				REGRESS= ISOLATION="${RUNNABLE[*]}"
+			rc=$?
+			record_pg_regress isolation "$rc" $(( $(date +%s) - t )) isolation.log \
+				output_iso/regression.diffs tmp_check/isolation "$NOEXP"
+		else
+			note isolation FAILED 0 "0 passed, $NOEXP failed (no expected output)"
+		fi
 	fi
 fi
 
@@ -283,29 +315,37 @@ if want pgtap; then
 		echo "skipped: no test/pgtap/*.sql yet"
 		note pgtap skipped 0 "no files"
 	else
-		as_pg mkdir -p pgtap_input/sql pgtap_input/expected output_pgtap
-		as_pg cp test/pgtap/*.sql pgtap_input/sql/
-		for f in test/pgtap/expected/*.out; do
-			[ -f "$f" ] && as_pg cp "$f" pgtap_input/expected/
-		done
-		t=$(date +%s)
-		run_logged pgtap.log "$PG_REGRESS" --bindir="$BINDIR" \
-			--temp-instance=./tmp_check/pgtap --temp-config=test/regress.conf \
-			--inputdir=pgtap_input --outputdir=output_pgtap \
-			--dbname=contrib_regression "${names[@]}"
-		rc=$?
-		# a pgTAP "not ok" counts as a failure even if the expected output
-		# has it too
-		for f in output_pgtap/results/*.out; do
-			[ -f "$f" ] || continue
-			if grep -qE '^not ok' "$f"; then
-				echo "--- $f has failing assertions:"
-				grep -E -A3 '^not ok' "$f" | head -n 40
-				EXTRA_FAILED+=("$(basename "$f" .out)")
-			fi
-		done
-		record_pg_regress pgtap "$rc" $(( $(date +%s) - t )) pgtap.log \
-			output_pgtap/regression.diffs tmp_check/pgtap
+		NOEXP=0
+		split_expected pgtap test/pgtap/expected "${names[@]}"
+		if [ ${#RUNNABLE[@]} -eq 0 ]; then
+			note pgtap FAILED 0 "0 passed, $NOEXP failed (no expected output)"
+		else
+			as_pg mkdir -p pgtap_input/sql pgtap_input/expected output_pgtap
+			for n in "${RUNNABLE[@]}"; do
+				as_pg cp "test/pgtap/$n.sql" pgtap_input/sql/
+				for f in test/pgtap/expected/"$n".out test/pgtap/expected/"$n"_[0-9].out; do
+					[ -f "$f" ] && as_pg cp "$f" pgtap_input/expected/
+				done
+			done
+			t=$(date +%s)
+			run_logged pgtap.log "$PG_REGRESS" --bindir="$BINDIR" \
+				--temp-instance=./tmp_check/pgtap --temp-config=test/regress.conf \
+				--inputdir=pgtap_input --outputdir=output_pgtap \
+				--dbname=contrib_regression "${RUNNABLE[@]}"
+			rc=$?
+			# a pgTAP "not ok" counts as a failure even if the expected
+			# output has it too
+			for f in output_pgtap/results/*.out; do
+				[ -f "$f" ] || continue
+				if grep -qE '^not ok' "$f"; then
+					echo "--- $f has failing assertions:"
+					grep -E -A3 '^not ok' "$f" | head -n 40
+					EXTRA_FAILED+=("$(basename "$f" .out)")
+				fi
+			done
+			record_pg_regress pgtap "$rc" $(( $(date +%s) - t )) pgtap.log \
+				output_pgtap/regression.diffs tmp_check/pgtap "$NOEXP"
+		fi
 	fi
 fi
 
