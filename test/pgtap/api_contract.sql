@@ -1,0 +1,356 @@
+-- pgTAP: the SQL API contract of market 0.1 (docs/functions.md and
+-- sql/market--0.1.sql): objects, exact signatures with argument names and
+-- defaults, result types, SECURITY DEFINER with a pinned search_path, no
+-- STRICT function, and every documented SQLSTATE raised where it should be.
+--
+-- Runs under pg_regress (see test/tools/run-tests.sh); like every file here
+-- it creates the extensions inside a transaction that it rolls back, so the
+-- files do not depend on each other or on their order.
+\set ECHO none
+\set QUIET 1
+\pset format unaligned
+\pset tuples_only true
+\pset pager off
+\set ON_ERROR_STOP true
+SET client_min_messages = warning;
+
+BEGIN;
+CREATE EXTENSION pgtap;
+CREATE EXTENSION market;
+
+SELECT plan(192);
+
+-- ---------------------------------------------------------------------------
+-- extension, schema, roles
+-- ---------------------------------------------------------------------------
+SELECT has_extension('market');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.1', 'market is at version 0.1');
+SELECT is((SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+			WHERE e.extname = 'market'), 'market', 'the extension lives in schema market');
+SELECT has_schema('market');
+SELECT has_role('market_admin');
+SELECT has_role('market_app');
+SELECT isnt_superuser('market_admin');
+SELECT isnt_superuser('market_app');
+SELECT is((SELECT rolcanlogin FROM pg_roles WHERE rolname = 'market_admin'), false, 'market_admin is NOLOGIN');
+SELECT is((SELECT rolcanlogin FROM pg_roles WHERE rolname = 'market_app'), false, 'market_app is NOLOGIN');
+SELECT is(pg_has_role('market_app', 'market_admin', 'MEMBER'), false, 'market_app is not a member of market_admin');
+SELECT is(pg_has_role('market_admin', 'market_app', 'MEMBER'), false, 'market_admin is not a member of market_app');
+
+-- ---------------------------------------------------------------------------
+-- tables and views, with their columns
+-- ---------------------------------------------------------------------------
+SELECT tables_are('market', ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock',
+	'stock_slots', 'reservations', 'stock_ledger']);
+SELECT views_are('market', ARRAY['reservation_lines', 'stock_levels']);
+SELECT columns_are('market', 'sellers', ARRAY['id', 'name', 'created_at']);
+SELECT columns_are('market', 'products', ARRAY['id', 'seller_id', 'title', 'description', 'brand',
+	'category', 'attributes', 'created_at']);
+SELECT columns_are('market', 'skus', ARRAY['id', 'product_id', 'sku_code', 'price_minor', 'currency',
+	'attributes', 'created_at']);
+SELECT columns_are('market', 'warehouses', ARRAY['id', 'code', 'name', 'priority', 'created_at']);
+SELECT columns_are('market', 'stock', ARRAY['sku_id', 'warehouse_id', 'slots', 'created_at']);
+SELECT columns_are('market', 'stock_slots', ARRAY['sku_id', 'warehouse_id', 'slot', 'on_hand', 'free']);
+SELECT columns_are('market', 'reservations', ARRAY['id', 'owner', 'status', 'created_at', 'expires_at',
+	'finished_at', 'sku_ids', 'warehouse_ids', 'slots', 'qtys']);
+SELECT columns_are('market', 'stock_ledger', ARRAY['id', 'at', 'sku_id', 'warehouse_id', 'delta', 'kind',
+	'reason', 'reservation_id', 'actor']);
+SELECT columns_are('market', 'reservation_lines', ARRAY['reservation_id', 'owner', 'status', 'expires_at',
+	'sku_id', 'warehouse_id', 'slot', 'qty']);
+SELECT columns_are('market', 'stock_levels', ARRAY['sku_id', 'warehouse_id', 'on_hand', 'held', 'free', 'slots']);
+SELECT col_type_is('market', 'skus', 'id', 'bigint', 'skus.id is bigint');
+SELECT col_type_is('market', 'warehouses', 'id', 'integer', 'warehouses.id is integer');
+SELECT col_type_is('market', 'reservations', 'id', 'uuid', 'reservations.id is uuid');
+SELECT col_type_is('market', 'skus', 'price_minor', 'bigint', 'skus.price_minor is bigint');
+SELECT col_type_is('market', 'stock_slots', 'on_hand', 'bigint', 'stock_slots.on_hand is bigint');
+SELECT col_type_is('market', 'stock_slots', 'free', 'bigint', 'stock_slots.free is bigint');
+SELECT col_type_is('market', 'stock_ledger', 'delta', 'bigint', 'stock_ledger.delta is bigint');
+SELECT col_type_is('market', 'stock_levels', 'on_hand', 'bigint', 'stock_levels.on_hand is bigint');
+SELECT col_type_is('market', 'stock_levels', 'held', 'bigint', 'stock_levels.held is bigint');
+SELECT col_type_is('market', 'stock_levels', 'free', 'bigint', 'stock_levels.free is bigint');
+SELECT col_is_pk('market', 'stock', ARRAY['sku_id', 'warehouse_id']::name[], 'stock is keyed by (sku_id, warehouse_id)');
+SELECT col_is_pk('market', 'stock_slots', ARRAY['sku_id', 'warehouse_id', 'slot']::name[], 'stock_slots is keyed by (sku_id, warehouse_id, slot)');
+SELECT col_is_pk('market', 'reservations', 'id'::name, 'reservations are keyed by id');
+SELECT col_is_unique('market', 'skus', 'sku_code'::name, 'sku codes are unique');
+SELECT col_is_unique('market', 'warehouses', 'code'::name, 'warehouse codes are unique');
+-- the ledger is append-only
+SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_append_only', 'market', 'ledger_append_only');
+SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_no_truncate', 'market', 'ledger_append_only');
+
+-- ---------------------------------------------------------------------------
+-- functions: exactly these, with the documented signatures
+-- ---------------------------------------------------------------------------
+SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_create', 'warehouse_create',
+	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
+	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only']);
+
+SELECT has_function('market', 'seller_create', ARRAY['text']);
+SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
+SELECT has_function('market', 'sku_create', ARRAY['bigint', 'text', 'bigint', 'text', 'jsonb']);
+SELECT has_function('market', 'warehouse_create', ARRAY['text', 'text', 'integer']);
+SELECT has_function('market', 'stock_set', ARRAY['bigint', 'integer', 'bigint', 'integer']);
+SELECT has_function('market', 'stock_adjust', ARRAY['bigint', 'integer', 'bigint', 'text']);
+SELECT has_function('market', 'available', ARRAY['bigint', 'integer']);
+SELECT has_function('market', 'reserve', ARRAY['jsonb', 'interval', 'text']);
+SELECT has_function('market', 'reservation_extend', ARRAY['uuid', 'interval']);
+SELECT has_function('market', 'reservation_release', ARRAY['uuid']);
+SELECT has_function('market', 'reservation_commit', ARRAY['uuid']);
+SELECT has_function('market', 'expire_reservations', ARRAY['integer']);
+SELECT has_function('market', 'worker_status', '{}'::name[]);
+SELECT has_function('market', 'verify_inventory', '{}'::name[]);
+
+SELECT function_returns('market', 'seller_create', ARRAY['text'], 'bigint');
+SELECT function_returns('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb'], 'bigint');
+SELECT function_returns('market', 'sku_create', ARRAY['bigint', 'text', 'bigint', 'text', 'jsonb'], 'bigint');
+SELECT function_returns('market', 'warehouse_create', ARRAY['text', 'text', 'integer'], 'integer');
+SELECT function_returns('market', 'stock_set', ARRAY['bigint', 'integer', 'bigint', 'integer'], 'bigint');
+SELECT function_returns('market', 'stock_adjust', ARRAY['bigint', 'integer', 'bigint', 'text'], 'bigint');
+SELECT function_returns('market', 'available', ARRAY['bigint', 'integer'], 'bigint');
+SELECT function_returns('market', 'reserve', ARRAY['jsonb', 'interval', 'text'], 'uuid');
+SELECT function_returns('market', 'reservation_extend', ARRAY['uuid', 'interval'], 'timestamp with time zone');
+SELECT function_returns('market', 'reservation_release', ARRAY['uuid'], 'boolean');
+SELECT function_returns('market', 'reservation_commit', ARRAY['uuid'], 'bigint');
+SELECT function_returns('market', 'expire_reservations', ARRAY['integer'], 'integer');
+SELECT function_returns('market', 'worker_status', '{}'::name[], 'record');
+SELECT function_returns('market', 'verify_inventory', '{}'::name[], 'setof record');
+
+-- argument names and defaults, so that named notation works as documented
+SELECT is(pg_get_function_arguments('market.seller_create(text)'::regprocedure),
+	'name text', 'seller_create arguments');
+SELECT is(pg_get_function_arguments('market.product_create(bigint, text, text, text, text, jsonb)'::regprocedure),
+	'seller_id bigint, title text, description text DEFAULT ''''::text, brand text DEFAULT NULL::text, category text DEFAULT NULL::text, attributes jsonb DEFAULT ''{}''::jsonb',
+	'product_create arguments');
+SELECT is(pg_get_function_arguments('market.sku_create(bigint, text, bigint, text, jsonb)'::regprocedure),
+	'product_id bigint, sku_code text, price_minor bigint, currency text, attributes jsonb DEFAULT ''{}''::jsonb',
+	'sku_create arguments');
+SELECT is(pg_get_function_arguments('market.warehouse_create(text, text, integer)'::regprocedure),
+	'code text, name text, priority integer DEFAULT 100', 'warehouse_create arguments');
+SELECT is(pg_get_function_arguments('market.stock_set(bigint, integer, bigint, integer)'::regprocedure),
+	'sku_id bigint, warehouse_id integer, on_hand bigint, slots integer DEFAULT NULL::integer',
+	'stock_set arguments');
+SELECT is(pg_get_function_arguments('market.stock_adjust(bigint, integer, bigint, text)'::regprocedure),
+	'sku_id bigint, warehouse_id integer, delta bigint, reason text', 'stock_adjust arguments');
+SELECT is(pg_get_function_arguments('market.available(bigint, integer)'::regprocedure),
+	'sku_id bigint, warehouse_id integer DEFAULT NULL::integer', 'available arguments');
+SELECT is(pg_get_function_arguments('market.reserve(jsonb, interval, text)'::regprocedure),
+	'items jsonb, ttl interval DEFAULT NULL::interval, owner text DEFAULT NULL::text', 'reserve arguments');
+SELECT is(pg_get_function_arguments('market.reservation_extend(uuid, interval)'::regprocedure),
+	'reservation uuid, ttl interval', 'reservation_extend arguments');
+SELECT is(pg_get_function_arguments('market.reservation_release(uuid)'::regprocedure),
+	'reservation uuid', 'reservation_release arguments');
+SELECT is(pg_get_function_arguments('market.reservation_commit(uuid)'::regprocedure),
+	'reservation uuid', 'reservation_commit arguments');
+SELECT is(pg_get_function_arguments('market.expire_reservations(integer)'::regprocedure),
+	'max_reservations integer DEFAULT 1000', 'expire_reservations arguments');
+SELECT is(pg_get_function_arguments('market.worker_status()'::regprocedure),
+	'OUT running boolean, OUT pid integer, OUT database text, OUT expired_total bigint, OUT purged_total bigint, OUT last_run timestamp with time zone, OUT next_wakeup timestamp with time zone',
+	'worker_status result columns');
+SELECT is(pg_get_function_result('market.verify_inventory()'::regprocedure),
+	'TABLE(invariant text, sku_id bigint, warehouse_id integer, detail text)', 'verify_inventory result columns');
+
+-- every documented function is SECURITY DEFINER, not STRICT, and pins
+-- search_path = pg_catalog, pg_temp
+SELECT is_definer('market', 'seller_create', ARRAY['text']);
+SELECT is_definer('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
+SELECT is_definer('market', 'sku_create', ARRAY['bigint', 'text', 'bigint', 'text', 'jsonb']);
+SELECT is_definer('market', 'warehouse_create', ARRAY['text', 'text', 'integer']);
+SELECT is_definer('market', 'stock_set', ARRAY['bigint', 'integer', 'bigint', 'integer']);
+SELECT is_definer('market', 'stock_adjust', ARRAY['bigint', 'integer', 'bigint', 'text']);
+SELECT is_definer('market', 'available', ARRAY['bigint', 'integer']);
+SELECT is_definer('market', 'reserve', ARRAY['jsonb', 'interval', 'text']);
+SELECT is_definer('market', 'reservation_extend', ARRAY['uuid', 'interval']);
+SELECT is_definer('market', 'reservation_release', ARRAY['uuid']);
+SELECT is_definer('market', 'reservation_commit', ARRAY['uuid']);
+SELECT is_definer('market', 'expire_reservations', ARRAY['integer']);
+SELECT is_definer('market', 'worker_status', '{}'::name[]);
+SELECT is_definer('market', 'verify_inventory', '{}'::name[]);
+SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
+		  NULL, 'no market function is STRICT');
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+			WHERE p.pronamespace = 'market'::regnamespace
+			  AND p.proconfig IS DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp']),
+		  NULL, 'every market function has exactly search_path = pg_catalog, pg_temp');
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 'i'),
+		  NULL, 'no market function claims to be IMMUTABLE');
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 's'),
+		  ARRAY['available', 'verify_inventory'], 'only the read-only functions are STABLE');
+SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+			WHERE p.pronamespace = 'market'::regnamespace AND NOT r.rolsuper),
+		  0, 'every market function is owned by the (superuser) extension owner');
+
+-- ---------------------------------------------------------------------------
+-- behaviour at the edges: every documented SQLSTATE
+-- ---------------------------------------------------------------------------
+SELECT market.seller_create('TAP Seller') AS seller \gset
+SELECT market.product_create(:seller, 'TAP product') AS product \gset
+SELECT market.sku_create(:product, 'TAP-A', 1000, 'EUR') AS sku \gset
+SELECT market.sku_create(:product, 'TAP-B', 1000, 'EUR') AS sku_b \gset
+SELECT market.warehouse_create('tap-w1', 'TAP W1') AS wh \gset
+
+SELECT is(market.available(:sku), 0::bigint, 'a SKU without stock has 0 available');
+SELECT is(market.stock_set(:sku, :wh, 10), 10::bigint, 'stock_set returns the new on-hand');
+SELECT is(market.stock_adjust(:sku, :wh, 2, 'found'), 12::bigint, 'stock_adjust returns the new on-hand');
+SELECT is(market.available(:sku), 12::bigint, 'available over all warehouses');
+SELECT is(market.available(:sku, :wh), 12::bigint, 'available in one warehouse');
+SELECT results_eq(format('SELECT kind, delta, reason FROM market.stock_ledger WHERE sku_id = %s ORDER BY id', :sku),
+	$$VALUES ('set'::text, 10::bigint, NULL::text), ('adjust', 2, 'found')$$,
+	'stock_set and stock_adjust append to the ledger');
+
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 4}]', :sku)::jsonb, '10 min', 'tap-cart') AS r \gset
+SELECT isnt(:'r'::uuid, NULL, 'reserve returns a reservation id');
+SELECT is(market.available(:sku), 8::bigint, 'reserve lowers available');
+SELECT is((SELECT status FROM market.reservations WHERE id = :'r'), 'held', 'a new reservation is held');
+SELECT is((SELECT sum(qty)::bigint FROM market.reservation_lines WHERE reservation_id = :'r'), 4::bigint,
+	'reservation_lines shows what was reserved');
+SELECT ok(market.reservation_extend(:'r', '1 hour') > now() + interval '59 min', 'reservation_extend returns the new expiry');
+SELECT is(market.reservation_commit(:'r'), 4::bigint, 'reservation_commit returns the units sold');
+SELECT is((SELECT on_hand FROM market.stock_levels WHERE sku_id = :sku), 8::bigint, 'the sale lowered on-hand');
+SELECT results_eq(format('SELECT kind, delta FROM market.stock_ledger WHERE reservation_id = %L', :'r'),
+	$$VALUES ('sale'::text, -4::bigint)$$, 'the sale is one ledger row');
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :sku)::jsonb) AS r2 \gset
+SELECT is(market.reservation_release(:'r2'), true, 'reservation_release answers true');
+SELECT is(market.reservation_release(:'r2'), false, 'releasing again answers false');
+SELECT is(market.available(:sku), 8::bigint, 'the released unit is available again');
+SELECT is(market.expire_reservations(), 0, 'nothing to expire');
+SELECT is_empty('SELECT * FROM market.verify_inventory()', 'verify_inventory finds nothing');
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 5}]', :sku)::jsonb) AS live \gset
+
+-- MK001 insufficient stock
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 4}]'')', :sku),
+	'MK001', NULL, 'reserve: more than available raises MK001');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'')', :sku_b),
+	'MK001', NULL, 'reserve: a SKU without stock raises MK001');
+-- MK002 reservation not live
+SELECT throws_ok(format('SELECT market.reservation_extend(%L, ''1 min'')', gen_random_uuid()),
+	'MK002', NULL, 'reservation_extend: unknown reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_release(%L)', gen_random_uuid()),
+	'MK002', NULL, 'reservation_release: unknown reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_commit(%L)', gen_random_uuid()),
+	'MK002', NULL, 'reservation_commit: unknown reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_commit(%L)', :'r'),
+	'MK002', NULL, 'reservation_commit: a committed reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_release(%L)', :'r'),
+	'MK002', NULL, 'reservation_release: a committed reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_commit(%L)', :'r2'),
+	'MK002', NULL, 'reservation_commit: a released reservation raises MK002');
+SELECT throws_ok(format('SELECT market.reservation_extend(%L, ''1 min'')', :'r2'),
+	'MK002', NULL, 'reservation_extend: a released reservation raises MK002');
+-- MK010 unknown sku
+SELECT throws_ok(format('SELECT market.stock_set(999999999, %s, 1)', :wh),
+	'MK010', NULL, 'stock_set: unknown SKU raises MK010');
+SELECT throws_ok(format('SELECT market.stock_adjust(999999999, %s, 1, ''x'')', :wh),
+	'MK010', NULL, 'stock_adjust: unknown SKU raises MK010');
+SELECT throws_ok('SELECT market.available(999999999)',
+	'MK010', NULL, 'available: unknown SKU raises MK010');
+SELECT throws_ok('SELECT market.reserve(''[{"sku_id": 999999999, "qty": 1}]'')',
+	'MK010', NULL, 'reserve: unknown SKU raises MK010');
+-- MK011 unknown warehouse
+SELECT throws_ok(format('SELECT market.stock_set(%s, 999999, 1)', :sku),
+	'MK011', NULL, 'stock_set: unknown warehouse raises MK011');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, 999999, 1, ''x'')', :sku),
+	'MK011', NULL, 'stock_adjust: unknown warehouse raises MK011');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1, "warehouse_id": 999999}]'')', :sku),
+	'MK011', NULL, 'reserve: unknown warehouse raises MK011');
+-- MK012 unknown product, MK013 unknown seller, MK014 duplicate code
+SELECT throws_ok('SELECT market.sku_create(999999999, ''TAP-X'', 1, ''EUR'')',
+	'MK012', NULL, 'sku_create: unknown product raises MK012');
+SELECT throws_ok('SELECT market.product_create(999999999, ''Ghost'')',
+	'MK013', NULL, 'product_create: unknown seller raises MK013');
+SELECT throws_ok(format('SELECT market.sku_create(%s, ''TAP-A'', 1, ''EUR'')', :product),
+	'MK014', NULL, 'sku_create: duplicate code raises MK014');
+SELECT throws_ok('SELECT market.warehouse_create(''tap-w1'', ''Again'')',
+	'MK014', NULL, 'warehouse_create: duplicate code raises MK014');
+-- MK020 invalid argument
+SELECT throws_ok('SELECT market.seller_create(NULL)', 'MK020', NULL, 'seller_create: NULL name raises MK020');
+SELECT throws_ok('SELECT market.seller_create(''  '')', 'MK020', NULL, 'seller_create: blank name raises MK020');
+SELECT throws_ok(format('SELECT market.product_create(%s, '''')', :seller),
+	'MK020', NULL, 'product_create: blank title raises MK020');
+SELECT throws_ok(format('SELECT market.product_create(%s, ''T'', '''', NULL, ''Bad Category'')', :seller),
+	'MK020', NULL, 'product_create: a category that is not a lower-case path raises MK020');
+SELECT throws_ok(format('SELECT market.sku_create(%s, ''TAP-NEG'', -1, ''EUR'')', :product),
+	'MK020', NULL, 'sku_create: negative price raises MK020');
+SELECT throws_ok('SELECT market.warehouse_create(''tap-w9'', '''')', 'MK020', NULL, 'warehouse_create: blank name raises MK020');
+SELECT throws_ok('SELECT market.reserve(NULL)', 'MK020', NULL, 'reserve: NULL items raises MK020');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 0}]'')', :sku),
+	'MK020', NULL, 'reserve: qty 0 raises MK020');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": -3}]'')', :sku),
+	'MK020', NULL, 'reserve: negative qty raises MK020');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": %s}]'')', :sku,
+		current_setting('market.max_line_qty')::bigint + 1),
+	'MK020', NULL, 'reserve: qty above market.max_line_qty raises MK020');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'', NULL, repeat(''o'', 201))', :sku),
+	'MK020', NULL, 'reserve: owner over 200 characters raises MK020');
+SELECT throws_ok(format('SELECT market.stock_set(NULL, %s, 1)', :wh), 'MK020', NULL, 'stock_set: NULL sku_id raises MK020');
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, NULL)', :sku, :wh), 'MK020', NULL, 'stock_set: NULL on_hand raises MK020');
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, 1000000000001)', :sku, :wh),
+	'MK020', NULL, 'stock_set: on-hand above 10^12 raises MK020');
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, 10, 1025)', :sku, :wh),
+	'MK020', NULL, 'stock_set: 1025 slots raises MK020');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, 0, ''zero'')', :sku, :wh),
+	'MK020', NULL, 'stock_adjust: delta 0 raises MK020');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, 1, '' '')', :sku, :wh),
+	'MK020', NULL, 'stock_adjust: blank reason raises MK020');
+SELECT throws_ok('SELECT market.available(NULL)', 'MK020', NULL, 'available: NULL sku_id raises MK020');
+SELECT throws_ok('SELECT market.reservation_release(NULL)', 'MK020', NULL, 'reservation_release: NULL raises MK020');
+SELECT throws_ok('SELECT market.reservation_commit(NULL)', 'MK020', NULL, 'reservation_commit: NULL raises MK020');
+SELECT throws_ok('SELECT market.reservation_extend(NULL, ''1 min'')', 'MK020', NULL, 'reservation_extend: NULL reservation raises MK020');
+SELECT throws_ok('SELECT market.expire_reservations(NULL)', 'MK020', NULL, 'expire_reservations: NULL raises MK020');
+-- MK021 malformed document
+SELECT throws_ok('SELECT market.reserve(''[]'')', 'MK021', NULL, 'reserve: an empty array raises MK021');
+SELECT throws_ok(format('SELECT market.reserve(''{"sku_id": %s, "qty": 1}'')', :sku),
+	'MK021', NULL, 'reserve: an object instead of an array raises MK021');
+SELECT throws_ok('SELECT market.reserve(''[5]'')', 'MK021', NULL, 'reserve: an element that is not an object raises MK021');
+SELECT throws_ok('SELECT market.reserve(''[{"qty": 1}]'')', 'MK021', NULL, 'reserve: a missing sku_id raises MK021');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1.5}]'')', :sku),
+	'MK021', NULL, 'reserve: a fractional qty raises MK021');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": "2"}]'')', :sku),
+	'MK021', NULL, 'reserve: a string qty raises MK021');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1, "size": "L"}]'')', :sku),
+	'MK021', NULL, 'reserve: an unknown key raises MK021');
+SELECT throws_ok(format('SELECT market.product_create(%s, ''T'', '''', NULL, NULL, ''[]'')', :seller),
+	'MK021', NULL, 'product_create: attributes that are not an object raise MK021');
+SELECT throws_ok(format('SELECT market.sku_create(%s, ''TAP-ATTR'', 1, ''EUR'', ''"x"'')', :product),
+	'MK021', NULL, 'sku_create: attributes that are not an object raise MK021');
+-- 22P02: not JSON at all
+SELECT throws_ok('SELECT market.reserve(''this is not json'')', '22P02', NULL, 'reserve: text that is not JSON raises 22P02');
+-- MK022 bad currency
+SELECT throws_ok(format('SELECT market.sku_create(%s, ''TAP-CUR'', 1, ''eur'')', :product),
+	'MK022', NULL, 'sku_create: lower-case currency raises MK022');
+SELECT throws_ok(format('SELECT market.sku_create(%s, ''TAP-CUR'', 1, ''EURO'')', :product),
+	'MK022', NULL, 'sku_create: four-letter currency raises MK022');
+-- MK023 ttl out of range
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'', ''0 s'')', :sku),
+	'MK023', NULL, 'reserve: ttl 0 raises MK023');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'', ''25 hours'')', :sku),
+	'MK023', NULL, 'reserve: ttl 25 h raises MK023');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'', ''-1 min'')', :sku),
+	'MK023', NULL, 'reserve: negative ttl raises MK023');
+SELECT throws_ok(format('SELECT market.reservation_extend(%L, ''25 hours'')', :'live'),
+	'MK023', NULL, 'reservation_extend: ttl 25 h raises MK023');
+-- MK024 below reserved (5 held by the live reservation, 8 on hand)
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, 4)', :sku, :wh),
+	'MK024', NULL, 'stock_set: on-hand below what is reserved raises MK024');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, -4, ''shrink'')', :sku, :wh),
+	'MK024', NULL, 'stock_adjust: on-hand below what is reserved raises MK024');
+-- MK025 negative
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, -1)', :sku, :wh),
+	'MK025', NULL, 'stock_set: negative on-hand raises MK025');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, -1, ''phantom'')', :sku_b, :wh),
+	'MK025', NULL, 'stock_adjust: below zero raises MK025');
+-- MK030 the ledger is append-only
+SELECT throws_ok('UPDATE market.stock_ledger SET delta = delta', 'MK030', NULL, 'UPDATE on the ledger raises MK030');
+SELECT throws_ok('DELETE FROM market.stock_ledger', 'MK030', NULL, 'DELETE on the ledger raises MK030');
+SELECT throws_ok('TRUNCATE market.stock_ledger', 'MK030', NULL, 'TRUNCATE on the ledger raises MK030');
+
+-- none of the failures above changed anything
+SELECT is(market.available(:sku), 3::bigint, 'available is unchanged by the failed calls');
+SELECT is((SELECT count(*)::int FROM market.stock_ledger WHERE sku_id = :sku), 3, 'the ledger is unchanged by the failed calls');
+SELECT is(market.reservation_release(:'live'), true, 'the live reservation is still live');
+SELECT is_empty('SELECT * FROM market.verify_inventory()', 'verify_inventory still finds nothing');
+
+SELECT * FROM finish();
+ROLLBACK;

@@ -1,0 +1,176 @@
+-- pgTAP: the privilege model of market 0.1.  PUBLIC gets nothing;
+-- market_app may call the reservation API (available, reserve, extend,
+-- release, commit) and touch no table; market_admin may call every
+-- documented function and only read the tables and views.  Checked both in
+-- the catalogs (schema_privs_are, table_privs_are, function_privs_are) and
+-- by trying as each role (SET ROLE).
+--
+-- Creates the extensions inside a transaction that it rolls back.
+\set ECHO none
+\set QUIET 1
+\pset format unaligned
+\pset tuples_only true
+\pset pager off
+\set ON_ERROR_STOP true
+SET client_min_messages = warning;
+
+BEGIN;
+CREATE EXTENSION pgtap;
+CREATE EXTENSION market;
+CREATE ROLE regress_market_nobody NOLOGIN;
+
+SELECT plan(143);
+
+-- ---------------------------------------------------------------------------
+-- the schema
+-- ---------------------------------------------------------------------------
+SELECT schema_privs_are('market', 'market_app', ARRAY['USAGE']);
+SELECT schema_privs_are('market', 'market_admin', ARRAY['USAGE']);
+SELECT schema_privs_are('market', 'public', '{}'::text[], 'PUBLIC has no privilege on schema market');
+SELECT schema_privs_are('market', 'regress_market_nobody', '{}'::text[], 'a role without grants has no privilege on schema market');
+
+-- ---------------------------------------------------------------------------
+-- tables and views: market_admin reads, nobody writes
+-- ---------------------------------------------------------------------------
+SELECT table_privs_are('market', t, 'market_admin', ARRAY['SELECT'],
+		format('market_admin may only SELECT from market.%s', t))
+  FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+SELECT table_privs_are('market', t, 'market_app', '{}'::text[],
+		format('market_app has no privilege on market.%s', t))
+  FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+SELECT table_privs_are('market', t, 'public', '{}'::text[],
+		format('PUBLIC has no privilege on market.%s', t))
+  FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+SELECT is((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
+			WHERE c.relnamespace = 'market'::regnamespace AND c.relkind = 'S'
+			  AND (has_sequence_privilege('market_app', c.oid, 'USAGE, UPDATE, SELECT')
+				   OR has_sequence_privilege('market_admin', c.oid, 'USAGE, UPDATE')
+				   OR has_sequence_privilege('public', c.oid, 'USAGE, UPDATE, SELECT'))),
+		  NULL, 'no role may draw from or set a market sequence');
+SELECT is((SELECT array_agg(c.relname::text || '.' || a.attname ORDER BY 1) FROM pg_class c
+			JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+			WHERE c.relnamespace = 'market'::regnamespace AND c.relkind IN ('r', 'v')
+			  AND (has_column_privilege('market_app', c.oid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES')
+				   OR has_column_privilege('market_admin', c.oid, a.attnum, 'INSERT, UPDATE, REFERENCES')
+				   OR has_column_privilege('public', c.oid, a.attnum, 'SELECT, INSERT, UPDATE, REFERENCES'))),
+		  NULL, 'no column grant opens a door the table grants keep shut');
+
+-- ---------------------------------------------------------------------------
+-- functions
+-- ---------------------------------------------------------------------------
+CREATE TEMP TABLE fn (name name, args name[], app boolean, admin boolean);
+INSERT INTO fn VALUES
+	('seller_create', ARRAY['text'], false, true),
+	('product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb'], false, true),
+	('sku_create', ARRAY['bigint', 'text', 'bigint', 'text', 'jsonb'], false, true),
+	('warehouse_create', ARRAY['text', 'text', 'integer'], false, true),
+	('stock_set', ARRAY['bigint', 'integer', 'bigint', 'integer'], false, true),
+	('stock_adjust', ARRAY['bigint', 'integer', 'bigint', 'text'], false, true),
+	('available', ARRAY['bigint', 'integer'], true, true),
+	('reserve', ARRAY['jsonb', 'interval', 'text'], true, true),
+	('reservation_extend', ARRAY['uuid', 'interval'], true, true),
+	('reservation_release', ARRAY['uuid'], true, true),
+	('reservation_commit', ARRAY['uuid'], true, true),
+	('expire_reservations', ARRAY['integer'], false, true),
+	('worker_status', '{}', false, true),
+	('verify_inventory', '{}', false, true),
+	('ledger_append_only', '{}', false, false);
+SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
+	'the list below covers every market function');
+SELECT function_privs_are('market', name, args, 'market_app',
+		CASE WHEN app THEN ARRAY['EXECUTE'] ELSE '{}' END::name[],
+		format('market_app %s execute market.%s', CASE WHEN app THEN 'may' ELSE 'may not' END, name))
+  FROM fn ORDER BY name;
+SELECT function_privs_are('market', name, args, 'market_admin',
+		CASE WHEN admin THEN ARRAY['EXECUTE'] ELSE '{}' END::name[],
+		format('market_admin %s execute market.%s', CASE WHEN admin THEN 'may' ELSE 'may not' END, name))
+  FROM fn ORDER BY name;
+SELECT function_privs_are('market', name, args, 'public', '{}'::name[],
+		format('PUBLIC may not execute market.%s', name))
+  FROM fn ORDER BY name;
+SELECT function_privs_are('market', name, args, 'regress_market_nobody', '{}'::name[],
+		format('a role without grants may not execute market.%s', name))
+  FROM fn ORDER BY name;
+SELECT isnt_superuser('market_app');
+SELECT isnt_superuser('market_admin');
+SELECT is((SELECT rolbypassrls OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = 'market_app'),
+	false, 'market_app has no role attribute beyond its grants');
+SELECT is((SELECT rolbypassrls OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = 'market_admin'),
+	false, 'market_admin has no role attribute beyond its grants');
+
+-- ---------------------------------------------------------------------------
+-- tried for real
+-- ---------------------------------------------------------------------------
+SELECT market.seller_create('TAP Seller') AS seller \gset
+SELECT market.product_create(:seller, 'TAP product') AS product \gset
+SELECT market.sku_create(:product, 'TAP-PRIV', 1000, 'EUR') AS sku \gset
+SELECT market.warehouse_create('tap-priv', 'TAP W') AS wh \gset
+SELECT market.stock_set(:sku, :wh, 10) AS on_hand \gset
+
+-- market_app
+SET ROLE market_app;
+SELECT is(market.available(:sku), 10::bigint, 'market_app: available');
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 2}]', :sku)::jsonb) AS r \gset
+SELECT isnt(:'r'::uuid, NULL, 'market_app: reserve');
+SELECT ok(market.reservation_extend(:'r', '30 min') > now(), 'market_app: reservation_extend');
+SELECT is(market.reservation_commit(:'r'), 2::bigint, 'market_app: reservation_commit');
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :sku)::jsonb) AS r2 \gset
+SELECT is(market.reservation_release(:'r2'), true, 'market_app: reservation_release');
+SELECT throws_ok(format('SELECT market.stock_set(%s, %s, 100)', :sku, :wh), '42501', NULL, 'market_app: stock_set is denied');
+SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, 1, ''x'')', :sku, :wh), '42501', NULL, 'market_app: stock_adjust is denied');
+SELECT throws_ok('SELECT market.seller_create(''x'')', '42501', NULL, 'market_app: seller_create is denied');
+SELECT throws_ok('SELECT market.expire_reservations()', '42501', NULL, 'market_app: expire_reservations is denied');
+SELECT throws_ok('SELECT * FROM market.verify_inventory()', '42501', NULL, 'market_app: verify_inventory is denied');
+SELECT throws_ok('SELECT * FROM market.worker_status()', '42501', NULL, 'market_app: worker_status is denied');
+SELECT throws_ok('SELECT * FROM market.reservations', '42501', NULL, 'market_app: reading reservations is denied');
+SELECT throws_ok('SELECT * FROM market.stock_levels', '42501', NULL, 'market_app: reading stock_levels is denied');
+SELECT throws_ok('SELECT * FROM market.reservation_lines', '42501', NULL, 'market_app: reading reservation_lines is denied');
+SELECT throws_ok('INSERT INTO market.sellers (name) VALUES (''x'')', '42501', NULL, 'market_app: INSERT is denied');
+SELECT throws_ok('UPDATE market.stock_slots SET free = on_hand', '42501', NULL, 'market_app: UPDATE is denied');
+SELECT throws_ok('DELETE FROM market.reservations', '42501', NULL, 'market_app: DELETE is denied');
+RESET ROLE;
+
+-- market_admin
+SET ROLE market_admin;
+SELECT lives_ok('SELECT market.seller_create(''Admin seller'')', 'market_admin: seller_create');
+SELECT lives_ok(format('SELECT market.stock_adjust(%s, %s, 5, ''count'')', :sku, :wh), 'market_admin: stock_adjust');
+SELECT is(market.stock_set(:sku, :wh, 20), 20::bigint, 'market_admin: stock_set');
+SELECT is(market.expire_reservations(), 0, 'market_admin: expire_reservations');
+SELECT is_empty('SELECT * FROM market.verify_inventory()', 'market_admin: verify_inventory');
+SELECT lives_ok('SELECT * FROM market.worker_status()', 'market_admin: worker_status');
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :sku)::jsonb) AS r3 \gset
+SELECT is(market.reservation_release(:'r3'), true, 'market_admin: reserve and reservation_release');
+SELECT is((SELECT on_hand FROM market.stock_levels WHERE sku_id = :sku), 20::bigint, 'market_admin: reads stock_levels');
+SELECT is((SELECT count(*)::int FROM market.stock_ledger WHERE sku_id = :sku), 4, 'market_admin: reads stock_ledger');
+SELECT is((SELECT status FROM market.reservations WHERE id = :'r3'), 'released', 'market_admin: reads reservations');
+SELECT lives_ok('SELECT * FROM market.reservation_lines', 'market_admin: reads reservation_lines');
+SELECT throws_ok('INSERT INTO market.sellers (name) VALUES (''x'')', '42501', NULL, 'market_admin: INSERT is denied');
+SELECT throws_ok(format('UPDATE market.stock_slots SET free = on_hand WHERE sku_id = %s', :sku), '42501', NULL, 'market_admin: UPDATE is denied');
+SELECT throws_ok(format('DELETE FROM market.reservations WHERE id = %L', :'r3'), '42501', NULL, 'market_admin: DELETE is denied');
+SELECT throws_ok('TRUNCATE market.stock', '42501', NULL, 'market_admin: TRUNCATE is denied');
+SELECT throws_ok(format('INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (%s, %s, 1, ''adjust'')', :sku, :wh),
+	'42501', NULL, 'market_admin: writing the ledger directly is denied');
+RESET ROLE;
+
+-- a role without grants (PUBLIC only)
+SET ROLE regress_market_nobody;
+SELECT throws_ok(format('SELECT market.available(%s)', :sku), '42501', NULL, 'no grants: available is denied');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'')', :sku), '42501', NULL, 'no grants: reserve is denied');
+SELECT throws_ok('SELECT * FROM market.skus', '42501', NULL, 'no grants: reading skus is denied');
+RESET ROLE;
+GRANT USAGE ON SCHEMA market TO regress_market_nobody;
+SET ROLE regress_market_nobody;
+SELECT throws_ok(format('SELECT market.available(%s)', :sku), '42501', NULL, 'no grants but USAGE: available is denied');
+SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'')', :sku), '42501', NULL, 'no grants but USAGE: reserve is denied');
+SELECT throws_ok(format('SELECT market.reservation_release(%L)', :'r3'), '42501', NULL, 'no grants but USAGE: reservation_release is denied');
+SELECT throws_ok('SELECT * FROM market.stock_levels', '42501', NULL, 'no grants but USAGE: reading stock_levels is denied');
+RESET ROLE;
+
+SELECT is(market.available(:sku), 20::bigint, 'nothing the roles tried changed the stock');
+SELECT is_empty('SELECT * FROM market.verify_inventory()', 'the inventory is consistent');
+
+SELECT * FROM finish();
+ROLLBACK;
