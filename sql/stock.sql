@@ -146,22 +146,34 @@ SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND
 SELECT market.stock_set(:c, :w1, 120) AS on_hand;
 SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT market.stock_set(:c, :w1, 100) AS on_hand;
--- re-spread to fewer slots while a reservation holds units
-SELECT market.reserve(format('[{"sku_id": %s, "qty": 30}]', :c)::jsonb) AS rc \gset
-SELECT market.stock_set(:c, :w1, 100, 2) AS on_hand;
+-- with a live reservation, growing works; shrinking is refused (MK020)
+-- while the slots that would go hold reserved units.  The reservation takes
+-- every unit, so every slot that has units holds some of it.
+SELECT sum(on_hand) FILTER (WHERE slot >= 2) > 0 AS slots_2_and_up_have_units
+  FROM market.stock_slots WHERE sku_id = :c AND warehouse_id = :w1;
+SELECT market.reserve(format('[{"sku_id": %s, "qty": 100}]', :c)::jsonb) AS rc \gset
+SELECT market.stock_set(:c, :w1, 100, 2);               -- MK020
+SELECT market.stock_set(:c, :w1, 100, 7);               -- MK020
 SELECT slots FROM market.stock WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT count(*) AS slot_rows, min(slot), max(slot), sum(on_hand) AS on_hand, sum(free) AS free
   FROM market.stock_slots WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT market.available(:c) AS avail;
-SELECT * FROM market.verify_inventory();
--- and to more slots
 SELECT market.stock_set(:c, :w1, 100, 16) AS on_hand;
+SELECT slots FROM market.stock WHERE sku_id = :c AND warehouse_id = :w1;
+SELECT count(*) AS slot_rows, min(slot), max(slot), sum(on_hand) AS on_hand, sum(free) AS free
+  FROM market.stock_slots WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT * FROM market.verify_inventory();
 SELECT market.reservation_release(:'rc') AS released;
 SELECT market.available(:c) AS avail;
+-- nothing held: shrinking works
+SELECT market.stock_set(:c, :w1, 100, 2) AS on_hand;
+SELECT count(*) AS slot_rows, min(slot), max(slot), sum(on_hand) AS on_hand, sum(free) AS free
+  FROM market.stock_slots WHERE sku_id = :c AND warehouse_id = :w1;
 SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND warehouse_id = :w1;
+SELECT market.available(:c) AS avail;
+SELECT * FROM market.verify_inventory();
 -- the limits: 1 and 1024 slots
 SELECT market.stock_set(:c, :w2, 7, 1024) AS on_hand;
 SELECT on_hand, held, free, slots FROM market.stock_levels WHERE sku_id = :c AND warehouse_id = :w2;
