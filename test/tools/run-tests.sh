@@ -11,7 +11,8 @@
 #        regress    make installcheck, pg_regress part   (sql/, expected/)
 #        isolation  make installcheck, isolation part    (test/isolation/)
 #        pgtap      pg_regress over test/pgtap/*.sql      (test/pgtap/expected/)
-#        tap        prove over test/t/*.pl with PostgreSQL::Test::Cluster
+#        tap        prove over test/t/*.pl with PostgreSQL::Test::Cluster,
+#                   run from test/ as PGXS does (logs: test/tmp_check/log)
 #
 # Every suite runs even when an earlier one failed.  A suite with no files
 # is skipped.  Tests are counted per test file (one pg_regress test, one
@@ -199,6 +200,9 @@ record_pg_regress() {
 	for name in $(pg_regress_failed "$log"); do
 		f=$((f + 1)); FAILED_NAMES+=("$suite/$name")
 	done
+	if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+		echo "--- $suite timed out after ${SUITE_TIMEOUT}s (SUITE_TIMEOUT)"
+	fi
 	if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
 		f=1
 		if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
@@ -362,25 +366,31 @@ if want tap; then
 		echo "skipped: no test/t/*.pl yet"
 		note tap skipped 0 "no files"
 	else
+		# as PGXS's prove_installcheck does it: from the directory holding
+		# t/ (test/), which is also TESTDIR (logs in test/tmp_check/log)
 		t=$(date +%s)
 		p=0; f=0
-		as_pg mkdir -p tap
+		as_pg mkdir -p test/tmp_check
 		for s in "${scripts[@]}"; do
 			name=$(basename "$s" .pl)
 			ts=$(date +%s)
-			run_logged "tap/$name.prove.log" env \
-				TESTDIR="$SCRATCH/tap" PG_REGRESS="$PG_REGRESS" \
-				PG_TEST_TIMEOUT_DEFAULT=120 \
-				prove -I "$PERL_LIB" -I test/t "$s"
+			( cd test && run_logged "../tap-$name.log" env \
+				TESTDIR="$SCRATCH/test" PG_REGRESS="$PG_REGRESS" \
+				prove -I "$PERL_LIB" -I . "t/$name.pl" )
 			rc=$?
 			echo "    ($name: $(( $(date +%s) - ts ))s)"
 			if [ "$rc" -eq 0 ]; then
 				p=$((p + 1))
 			else
 				f=$((f + 1))
-				FAILED_NAMES+=("tap/$name")
-				logs=$(ls -1 tap/tmp_check/log/*"$name"* 2>/dev/null)
-				for l in $logs; do
+				if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+					echo "--- $name timed out after ${SUITE_TIMEOUT}s (SUITE_TIMEOUT)"
+					FAILED_NAMES+=("tap/$name(timeout after ${SUITE_TIMEOUT}s)")
+				else
+					FAILED_NAMES+=("tap/$name")
+				fi
+				for l in test/tmp_check/log/*"$name"*; do
+					[ -f "$l" ] || continue
 					echo "--- tail of $l:"
 					tail -n 60 "$l"
 				done
