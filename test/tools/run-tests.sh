@@ -389,7 +389,7 @@ if want tap; then
 				else
 					FAILED_NAMES+=("tap/$name")
 				fi
-				for l in test/tmp_check/log/*"$name"*; do
+				for l in test/tmp_check/log/regress_log_"$name" test/tmp_check/log/"$name"_*.log; do
 					[ -f "$l" ] || continue
 					echo "--- tail of $l:"
 					tail -n 60 "$l"
