@@ -99,6 +99,8 @@ CREATE TABLE market.stock_slots (
 -- A reservation keeps its lines in parallel arrays: one row per reservation
 -- is one insert and one index entry on the hot path.  Line i took qtys[i]
 -- units of sku_ids[i] from slot slots[i] of warehouse warehouse_ids[i].
+-- slots[i] = -1 marks a line of an expired reservation whose units were
+-- already given back early (see market_reclaim_expired in src/inventory.c).
 CREATE TABLE market.reservations (
 	id			  uuid PRIMARY KEY,
 	owner		  text,
@@ -377,7 +379,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 	  FROM market.stock_slots s
 	  FULL JOIN (SELECT l.sku_id, l.warehouse_id, l.slot, sum(l.qty) AS qty
 				   FROM market.reservation_lines l
-				  WHERE l.status = 'held'
+				  WHERE l.status = 'held' AND l.slot >= 0
 				  GROUP BY 1, 2, 3) h
 		ON h.sku_id = s.sku_id AND h.warehouse_id = s.warehouse_id AND h.slot = s.slot
 	 WHERE coalesce(s.on_hand - s.free, 0) <> coalesce(h.qty, 0)

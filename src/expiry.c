@@ -64,27 +64,10 @@ market_expire_batch(int max_reservations)
 	ids = palloc(sizeof(Datum) * n);
 	for (int r = 0; r < n; r++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[r];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
-		Datum	   *skus,
-				   *whs,
-				   *slots,
-				   *qtys;
-		int			nl;
 
-		ids[r] = SPI_getbinval(tup, desc, 1, &isnull);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull)),
-						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &skus, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 3, &isnull)),
-						  INT4OID, 4, true, TYPALIGN_INT, &whs, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull)),
-						  INT4OID, 4, true, TYPALIGN_INT, &slots, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 5, &isnull)),
-						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &qtys, NULL, &nl);
-		for (int i = 0; i < nl; i++)
-			takes_append(&takes, DatumGetInt64(skus[i]), DatumGetInt32(whs[i]),
-						 DatumGetInt32(slots[i]), DatumGetInt64(qtys[i]));
+		ids[r] = SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull);
+		market_takes_from_tuple(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2, &takes);
 	}
 
 	market_return_units(takes.items, takes.count, false, NULL);

@@ -442,9 +442,9 @@ snapshot_available(int64 sku_id, int32 warehouse_id, bool *has_stock)
 	market_prepare(&expired_plan,
 				   "SELECT sum(l.qty)::int8"
 				   " FROM market.reservations r,"
-				   "      unnest(r.sku_ids, r.warehouse_ids, r.qtys) AS l(sku_id, warehouse_id, qty)"
+				   "      unnest(r.sku_ids, r.warehouse_ids, r.slots, r.qtys) AS l(sku_id, warehouse_id, slot, qty)"
 				   " WHERE r.status = 'held' AND r.expires_at <= $3"
-				   "   AND l.sku_id = $1 AND ($2 = 0 OR l.warehouse_id = $2)",
+				   "   AND l.slot >= 0 AND l.sku_id = $1 AND ($2 = 0 OR l.warehouse_id = $2)",
 				   3, types);
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
@@ -633,12 +633,16 @@ market_return_units(const SlotTake *takes_in, int ntakes, bool sold,
 	SlotTake   *takes;
 	int			n;
 
-	if (ntakes == 0)
+	/* lines already returned by a partial reclaim carry slot -1 */
+	takes = palloc(sizeof(SlotTake) * Max(ntakes, 1));
+	n = 0;
+	for (int i = 0; i < ntakes; i++)
+		if (takes_in[i].slot >= 0)
+			takes[n++] = takes_in[i];
+	if (n == 0)
 		return;
-	takes = palloc(sizeof(SlotTake) * ntakes);
-	memcpy(takes, takes_in, sizeof(SlotTake) * ntakes);
-	qsort(takes, ntakes, sizeof(SlotTake), compare_takes);
-	n = takes_to_arrays(takes, ntakes, values);
+	qsort(takes, n, sizeof(SlotTake), compare_takes);
+	n = takes_to_arrays(takes, n, values);
 
 	market_prepare(&lock_plan,
 				   "SELECT 1 FROM market.stock_slots s"
@@ -675,11 +679,41 @@ market_return_units(const SlotTake *takes_in, int ntakes, bool sold,
 }
 
 /*
- * market_reclaim_expired (pair locked by the caller) returns the units of
- * expired reservations that hold units of the pair, so the exact path can
- * count them.  A reservation that another session is finishing, or that
- * also holds a slot someone else has locked, is left to the worker: we
- * never wait here.  Returns how many reservations it expired.
+ * market_takes_from_tuple appends the lines stored in a reservation row's
+ * four arrays (sku_ids, warehouse_ids, slots, qtys at columns first ..
+ * first + 3 of an SPI result) to takes.
+ */
+void
+market_takes_from_tuple(HeapTuple tup, TupleDesc desc, int first, TakeList *takes)
+{
+	bool		isnull;
+	Datum	   *skus,
+			   *whs,
+			   *slots,
+			   *qtys;
+	int			n;
+
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, first, &isnull)),
+					  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &skus, NULL, &n);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, first + 1, &isnull)),
+					  INT4OID, 4, true, TYPALIGN_INT, &whs, NULL, &n);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, first + 2, &isnull)),
+					  INT4OID, 4, true, TYPALIGN_INT, &slots, NULL, &n);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, first + 3, &isnull)),
+					  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &qtys, NULL, &n);
+	for (int i = 0; i < n; i++)
+		takes_append(takes, DatumGetInt64(skus[i]), DatumGetInt32(whs[i]),
+					 DatumGetInt32(slots[i]), DatumGetInt64(qtys[i]));
+}
+
+/*
+ * market_reclaim_expired (pair locked by the caller) returns the units that
+ * expired reservations hold in this pair, so the exact path can count
+ * them.  We never wait here: a reservation another session is finishing is
+ * skipped (SKIP LOCKED).  If all of a reservation's other slots can be
+ * locked without waiting, the whole reservation is expired; otherwise only
+ * its lines in this pair are returned and marked returned (slot = -1), and
+ * the worker expires the rest.  Returns how many reservations it touched.
  */
 int
 market_reclaim_expired(int64 sku_id, int32 warehouse_id)
@@ -687,14 +721,16 @@ market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 	static SPIPlanPtr pick_plan = NULL;
 	static SPIPlanPtr trylock_plan = NULL;
 	static SPIPlanPtr mark_plan = NULL;
+	static SPIPlanPtr partial_plan = NULL;
 	Oid			types[3] = {INT8OID, INT4OID, TIMESTAMPTZOID};
 	Oid			try_types[3] = {INT8OID, INT4OID, INT4OID};
 	Oid			mark_types[2] = {UUIDOID, TIMESTAMPTZOID};
+	Oid			partial_types[2] = {UUIDOID, INT4ARRAYOID};
 	Datum		values[3];
 	TimestampTz now = GetCurrentTimestamp();
 	SPITupleTable *picked;
 	int			npicked;
-	int			reclaimed = 0;
+	int			expired = 0;
 
 	market_prepare(&pick_plan,
 				   "SELECT r.id, r.sku_ids, r.warehouse_ids, r.slots, r.qtys"
@@ -711,6 +747,9 @@ market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 				   "UPDATE market.reservations SET status = 'expired', finished_at = $2"
 				   " WHERE id = $1",
 				   2, mark_types);
+	market_prepare(&partial_plan,
+				   "UPDATE market.reservations SET slots = $2 WHERE id = $1",
+				   2, partial_types);
 
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
@@ -720,53 +759,59 @@ market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 
 	for (int r = 0; r < npicked; r++)
 	{
-		HeapTuple	tup = picked->vals[r];
-		TupleDesc	desc = picked->tupdesc;
 		bool		isnull;
-		Datum		id = SPI_getbinval(tup, desc, 1, &isnull);
+		Datum		id = SPI_getbinval(picked->vals[r], picked->tupdesc, 1, &isnull);
 		TakeList	lines = {0};
+		TakeList	here = {0};
 		bool		all_locked = true;
-		Datum	   *skus,
-				   *whs,
-				   *slots,
-				   *qtys;
-		int			nl;
 
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull)),
-						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &skus, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 3, &isnull)),
-						  INT4OID, 4, true, TYPALIGN_INT, &whs, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull)),
-						  INT4OID, 4, true, TYPALIGN_INT, &slots, NULL, &nl);
-		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 5, &isnull)),
-						  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &qtys, NULL, &nl);
-
-		for (int i = 0; i < nl; i++)
+		market_takes_from_tuple(picked->vals[r], picked->tupdesc, 2, &lines);
+		for (int i = 0; i < lines.count; i++)
 		{
-			Datum		tv[3] = {skus[i], whs[i], slots[i]};
+			SlotTake   *t = &lines.items[i];
+			Datum		tv[3];
 
-			takes_append(&lines, DatumGetInt64(skus[i]), DatumGetInt32(whs[i]),
-						 DatumGetInt32(slots[i]), DatumGetInt64(qtys[i]));
-			if (DatumGetInt64(skus[i]) == sku_id && DatumGetInt32(whs[i]) == warehouse_id)
-				continue;
-			if (run_plan(trylock_plan, tv, SPI_OK_SELECT, 1) == 0)
+			if (t->slot < 0)
+				continue;		/* returned earlier */
+			if (t->sku_id == sku_id && t->warehouse_id == warehouse_id)
 			{
-				all_locked = false;
-				break;
+				takes_append(&here, t->sku_id, t->warehouse_id, t->slot, t->qty);
+				continue;
 			}
+			tv[0] = Int64GetDatum(t->sku_id);
+			tv[1] = Int32GetDatum(t->warehouse_id);
+			tv[2] = Int32GetDatum(t->slot);
+			if (all_locked && run_plan(trylock_plan, tv, SPI_OK_SELECT, 1) == 0)
+				all_locked = false;
 		}
-		if (!all_locked)
-			continue;
 
-		market_return_units(lines.items, lines.count, false, NULL);
+		if (all_locked)
 		{
 			Datum		mv[2] = {id, TimestampTzGetDatum(now)};
 
+			market_return_units(lines.items, lines.count, false, NULL);
 			run_plan(mark_plan, mv, SPI_OK_UPDATE, 0);
+			expired++;
 		}
-		reclaimed++;
+		else if (here.count > 0)
+		{
+			Datum	   *slots = palloc(sizeof(Datum) * lines.count);
+			Datum		pv[2];
+
+			market_return_units(here.items, here.count, false, NULL);
+			for (int i = 0; i < lines.count; i++)
+			{
+				bool		ours = (lines.items[i].sku_id == sku_id &&
+									lines.items[i].warehouse_id == warehouse_id);
+
+				slots[i] = Int32GetDatum(ours ? -1 : lines.items[i].slot);
+			}
+			pv[0] = id;
+			pv[1] = PointerGetDatum(construct_array(slots, lines.count, INT4OID, 4, true, TYPALIGN_INT));
+			run_plan(partial_plan, pv, SPI_OK_UPDATE, 0);
+		}
 	}
-	if (reclaimed > 0 && market_shared != NULL)
-		pg_atomic_fetch_add_u64(&market_shared->expired_total, reclaimed);
-	return reclaimed;
+	if (expired > 0 && market_shared != NULL)
+		pg_atomic_fetch_add_u64(&market_shared->expired_total, expired);
+	return expired;
 }

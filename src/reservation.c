@@ -445,12 +445,6 @@ finish_reservation(pg_uuid_t *id, const char *status, bool only_if_unexpired,
 	Datum		values[3];
 	HeapTuple	tup;
 	TupleDesc	desc;
-	bool		isnull;
-	Datum	   *skus,
-			   *whs,
-			   *slots,
-			   *qtys;
-	int			nl;
 
 	market_prepare(&live_plan,
 				   "UPDATE market.reservations SET status = $2, finished_at = $3"
@@ -478,17 +472,7 @@ finish_reservation(pg_uuid_t *id, const char *status, bool only_if_unexpired,
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
 	*final_status = SPI_getvalue(tup, desc, 1);
-	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull)),
-					  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &skus, NULL, &nl);
-	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 3, &isnull)),
-					  INT4OID, 4, true, TYPALIGN_INT, &whs, NULL, &nl);
-	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 4, &isnull)),
-					  INT4OID, 4, true, TYPALIGN_INT, &slots, NULL, &nl);
-	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 5, &isnull)),
-					  INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE, &qtys, NULL, &nl);
-	for (int i = 0; i < nl; i++)
-		takes_append(takes, DatumGetInt64(skus[i]), DatumGetInt32(whs[i]),
-					 DatumGetInt32(slots[i]), DatumGetInt64(qtys[i]));
+	market_takes_from_tuple(tup, desc, 2, takes);
 	return true;
 }
 

@@ -47,6 +47,7 @@ PG_FUNCTION_INFO_V1(market_worker_status);
 #define PURGE_INTERVAL_USECS	(60 * USECS_PER_SEC)
 #define PURGE_BATCH				10000
 #define NO_EXTENSION_RETRY_MS	5000
+#define LOCKED_RETRY_MS			50
 
 /* market_register_worker registers the static expiry worker. */
 void
@@ -141,6 +142,7 @@ market_expiry_worker_main(Datum main_arg)
 		uint64		requested;
 		bool		missing = false;
 		bool		more;
+		int			expired = 0;
 		bool		do_purge;
 		long		sleep_ms;
 		MemoryContext old;
@@ -162,6 +164,7 @@ market_expiry_worker_main(Datum main_arg)
 		{
 			int			n = run_batch(do_purge, &next, &missing);
 
+			expired += n;
 			more = !missing && n >= market_expiry_batch_size;
 			MemoryContextReset(loop_cxt);
 			CHECK_FOR_INTERRUPTS();
@@ -181,6 +184,14 @@ market_expiry_worker_main(Datum main_arg)
 			plan = TimestampTzPlusMilliseconds(now, market_expiry_max_naptime_ms);
 			if (next != 0 && next < plan)
 				plan = next;
+
+			/*
+			 * Due reservations that we could not take are being finished by
+			 * someone else (commit, release, a reserving session): look
+			 * again shortly rather than spin.
+			 */
+			if (next != 0 && next <= now && expired == 0)
+				plan = TimestampTzPlusMilliseconds(now, LOCKED_RETRY_MS);
 			if ((TimestampTz) requested < plan)
 				plan = (TimestampTz) requested;
 		}
