@@ -44,7 +44,7 @@ SELECT market.product_create(:seller, repeat('t', 500)) IS NOT NULL AS title_of_
 SELECT count(*) AS products FROM market.products;
 -- unknown seller
 SELECT market.product_create(999999999, 'Ghost');                   -- MK013
-SELECT market.product_create(NULL, 'Ghost');                        -- MK013 (no such seller)
+SELECT market.product_create(NULL, 'Ghost');                        -- MK020 (NULL argument)
 -- title
 SELECT market.product_create(:seller, NULL);                        -- MK020
 SELECT market.product_create(:seller, '');                          -- MK020
@@ -78,7 +78,7 @@ SELECT market.sku_create(:product, repeat('C', 100), 1, 'JPY', NULL) IS NOT NULL
 SELECT count(*) AS skus FROM market.skus;
 -- unknown product
 SELECT market.sku_create(999999999, 'CAT-GHOST', 100, 'USD');        -- MK012
-SELECT market.sku_create(NULL, 'CAT-GHOST', 100, 'USD');             -- MK012 (no such product)
+SELECT market.sku_create(NULL, 'CAT-GHOST', 100, 'USD');             -- MK020 (NULL argument)
 -- code
 SELECT market.sku_create(:product, 'CAT-PHONE-X-BLK', 100, 'USD');   -- MK014 (duplicate)
 SELECT market.sku_create(:product2, 'CAT-PHONE-X-BLK', 100, 'USD');  -- MK014 (unique across products)

@@ -199,9 +199,12 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	new_id bigint;
 BEGIN
-	IF seller_id IS NULL OR NOT EXISTS (SELECT 1 FROM market.sellers s WHERE s.id = product_create.seller_id) THEN
+	IF seller_id IS NULL THEN
+		RAISE EXCEPTION 'seller_id must not be null' USING ERRCODE = 'MK020';
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM market.sellers s WHERE s.id = product_create.seller_id) THEN
 		RAISE EXCEPTION 'unknown seller'
-			USING ERRCODE = 'MK013', DETAIL = format('No seller has id %s.', coalesce(seller_id::text, 'NULL'));
+			USING ERRCODE = 'MK013', DETAIL = format('No seller has id %s.', seller_id);
 	END IF;
 	IF title IS NULL OR length(btrim(title)) = 0 OR length(title) > 500 THEN
 		RAISE EXCEPTION 'invalid product title'
@@ -231,9 +234,12 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	new_id bigint;
 BEGIN
-	IF product_id IS NULL OR NOT EXISTS (SELECT 1 FROM market.products p WHERE p.id = sku_create.product_id) THEN
+	IF product_id IS NULL THEN
+		RAISE EXCEPTION 'product_id must not be null' USING ERRCODE = 'MK020';
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM market.products p WHERE p.id = sku_create.product_id) THEN
 		RAISE EXCEPTION 'unknown product'
-			USING ERRCODE = 'MK012', DETAIL = format('No product has id %s.', coalesce(product_id::text, 'NULL'));
+			USING ERRCODE = 'MK012', DETAIL = format('No product has id %s.', product_id);
 	END IF;
 	IF sku_code IS NULL OR length(btrim(sku_code)) = 0 OR length(sku_code) > 100 THEN
 		RAISE EXCEPTION 'invalid sku code'
