@@ -14,6 +14,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -41,6 +42,9 @@ MarketShared *market_shared = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* earliest expiry this transaction created; the worker hears of it at commit */
+static TimestampTz pending_expiry = 0;
 
 void		_PG_init(void);
 
@@ -148,18 +152,16 @@ _PG_init(void)
 }
 
 /*
- * market_note_expiry tells the worker about a reservation expiring earlier
- * than it planned to look, so a short TTL is honoured on time.  It costs
- * one atomic read when the worker already plans to wake in time.
+ * wake_worker_if_needed lowers requested_wakeup to expires_at and sets the
+ * worker's latch, unless the worker already plans to look by then.  It
+ * costs one atomic read in the common case.
  */
-void
-market_note_expiry(TimestampTz expires_at)
+static void
+wake_worker_if_needed(TimestampTz expires_at)
 {
 	uint64		cur;
 	uint32		pid;
 
-	if (market_shared == NULL)
-		return;
 	if ((uint64) expires_at >= pg_atomic_read_u64(&market_shared->planned_wakeup))
 		return;
 
@@ -177,4 +179,50 @@ market_note_expiry(TimestampTz expires_at)
 		if (procno < ProcGlobal->allProcCount)
 			SetLatch(&ProcGlobal->allProcs[procno].procLatch);
 	}
+}
+
+/*
+ * market_xact_callback tells the worker, once our commit is visible, about
+ * the earliest expiry the transaction created.  Doing it at commit (the
+ * callback runs after the commit is visible to other sessions) closes the
+ * window in which the worker could plan its sleep from a snapshot that
+ * does not yet show our reservation.
+ */
+static void
+market_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+			if (pending_expiry != 0 && market_shared != NULL)
+				wake_worker_if_needed(pending_expiry);
+			pending_expiry = 0;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			pending_expiry = 0;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * market_note_expiry records that this transaction created or moved a
+ * reservation expiring at expires_at; the worker is told at commit.
+ */
+void
+market_note_expiry(TimestampTz expires_at)
+{
+	static bool registered = false;
+
+	if (market_shared == NULL)
+		return;
+	if (!registered)
+	{
+		RegisterXactCallback(market_xact_callback, NULL);
+		registered = true;
+	}
+	if (pending_expiry == 0 || expires_at < pending_expiry)
+		pending_expiry = expires_at;
 }

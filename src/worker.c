@@ -7,10 +7,11 @@
  *	  market.worker_status() which reports on it.
  *
  * The worker sleeps on its latch until the next reservation expires.  It
- * publishes that time in MarketShared.planned_wakeup; a backend creating
- * a reservation that expires earlier lowers requested_wakeup and sets the
- * worker's latch (market_note_expiry).  While a pass runs planned_wakeup
- * is "never", so any reservation created meanwhile wakes it again.
+ * publishes that time in MarketShared.planned_wakeup; a transaction that
+ * commits a reservation expiring earlier lowers requested_wakeup and sets
+ * the worker's latch (market_xact_callback in market.c).  While a pass
+ * runs, planned_wakeup is "never", so any reservation committed meanwhile
+ * wakes it again.
  *
  * Each batch is one short transaction.  An error ends the process and the
  * postmaster starts it again after bgw_restart_time (1 s); nothing is lost
