@@ -492,10 +492,9 @@ market_reservation_commit(PG_FUNCTION_ARGS)
 	if (!finish_reservation(id, "committed", true, GetCurrentTimestamp(), &takes, &status))
 		raise_not_live(id, "commit");
 	market_return_units(takes.items, takes.count, true, id);
-	SPI_finish();
-
 	for (int i = 0; i < takes.count; i++)
 		sold += takes.items[i].qty;
+	SPI_finish();					/* frees takes */
 	PG_RETURN_INT64(sold);
 }
 
