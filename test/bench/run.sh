@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# market benchmarks (make bench): pgbench against a throwaway cluster.
+#
+# Scenarios, one table at the end:
+#   hot       market.reserve of 1 unit of one hot SKU (stock 1e9, never sells out)
+#   baseline  the textbook hot row in plain SQL:
+#             UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1
+#   zipf      market.reserve over $BENCH_SKUS SKUs with Zipf popularity
+#   select1   SELECT 1, the ceiling of this machine for a one-statement transaction
+#
+# Successes are counted in the database, not taken from pgbench: reservations
+# created (count of market.reservations, emptied before each run), units the
+# baseline UPDATE took off (qty before - qty after), transactions for SELECT 1.
+# Rate = successes / the run time pgbench measured (without connection set-up).
+# Latency percentiles come from pgbench's per-transaction logs (-l).
+# After each market run, SELECT count(*) FROM market.verify_inventory().
+#
+# Settings (environment):
+#   BENCH_SECONDS       seconds per point (20)
+#   BENCH_CLIENTS       client counts for hot, baseline, select1 ("16 64 256")
+#   BENCH_ZIPF_CLIENTS  client counts for zipf ("64 256")
+#   BENCH_SCENARIOS     which scenarios ("hot baseline zipf select1")
+#   BENCH_SKUS          SKUs for zipf (100000)
+#   BENCH_ZIPF_S        Zipf exponent (1.1)
+#   BENCH_THREADS       pgbench -j (2)
+#   BENCH_PORT          port of the throwaway cluster (55432)
+#   BENCH_SYNC_COMMIT   synchronous_commit of the cluster (on; "off" shows
+#                       what is left when the disk flush is not waited for)
+#   BENCH_OUT           markdown result (test/bench/results/latest.md)
+#   BENCH_KEEP=1        keep the cluster directory afterwards
+#   BENCH_USER          OS user to run as when started as root (postgres)
+#   PG_CONFIG           pg_config to use (pg_config)
+#
+# Needs `make install` first. PostgreSQL refuses to run as root: started as
+# root, the script runs itself as $BENCH_USER in a directory that user owns
+# and copies the result back.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+
+BENCH_SECONDS=${BENCH_SECONDS:-20}
+BENCH_CLIENTS=${BENCH_CLIENTS:-"16 64 256"}
+BENCH_ZIPF_CLIENTS=${BENCH_ZIPF_CLIENTS:-"64 256"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot baseline zipf select1"}
+BENCH_SKUS=${BENCH_SKUS:-100000}
+BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
+BENCH_THREADS=${BENCH_THREADS:-2}
+BENCH_PORT=${BENCH_PORT:-55432}
+BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
+BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
+BENCH_USER=${BENCH_USER:-postgres}
+PG_CONFIG=${PG_CONFIG:-pg_config}
+export BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS \
+	BENCH_ZIPF_S BENCH_THREADS BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
+
+bindir=$("$PG_CONFIG" --bindir)
+pkglibdir=$("$PG_CONFIG" --pkglibdir)
+if [ ! -e "$pkglibdir/market.so" ]; then
+	echo "bench: $pkglibdir/market.so not found: run 'make install' first" >&2
+	exit 1
+fi
+for lib in pg_cron; do
+	if [ ! -e "$pkglibdir/$lib.so" ]; then
+		echo "bench: $lib not installed (test/tools/install-deps.sh)" >&2
+		exit 1
+	fi
+done
+
+# which source was measured (computed before any user switch)
+if [ -z "${BENCH_REV:-}" ]; then
+	BENCH_REV=$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)
+fi
+export BENCH_REV
+
+# pgbench with 256 clients needs a few hundred descriptors
+hard=$(ulimit -Hn)
+if [ "$hard" = unlimited ] || [ "$hard" -ge 65536 ]; then
+	ulimit -n 65536 2>/dev/null || true
+else
+	ulimit -n "$hard" 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------------------
+# root: run the rest as $BENCH_USER from a directory it owns
+# ---------------------------------------------------------------------------
+if [ "$(id -u)" -eq 0 ] && [ -z "${BENCH_INNER:-}" ]; then
+	if ! id "$BENCH_USER" >/dev/null 2>&1; then
+		echo "bench: running as root and OS user '$BENCH_USER' does not exist" >&2
+		exit 1
+	fi
+	work=$(mktemp -d "${TMPDIR:-/tmp}/market-bench.XXXXXX")
+	cp "$here/run.sh" "$work/run.sh"
+	chown -R "$BENCH_USER" "$work"
+	chmod 700 "$work"
+	rc=0
+	runuser -u "$BENCH_USER" -- env BENCH_INNER=1 BENCH_WORK="$work" \
+		BENCH_OUT="$work/latest.md" bash "$work/run.sh" || rc=$?
+	if [ -s "$work/latest.md" ]; then
+		mkdir -p "$(dirname "$BENCH_OUT")"
+		cp "$work/latest.md" "$BENCH_OUT"
+		echo "bench: table written to $BENCH_OUT"
+	fi
+	if [ -n "${BENCH_KEEP:-}" ]; then
+		echo "bench: kept $work"
+	else
+		rm -rf "$work"
+	fi
+	exit $rc
+fi
+
+# ---------------------------------------------------------------------------
+# the cluster
+# ---------------------------------------------------------------------------
+work=${BENCH_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/market-bench.XXXXXX")}
+data="$work/data"
+logs="$work/pgbench"
+mkdir -p "$logs"
+db=bench
+
+PSQL=("$bindir/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h "$work" -p "$BENCH_PORT")
+sql() { "${PSQL[@]}" -d "$db" -c "$1"; }
+
+stop_cluster() {
+	if [ -f "$data/postmaster.pid" ]; then
+		"$bindir/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
+	fi
+	if [ -z "${BENCH_KEEP:-}" ]; then
+		rm -rf "$data"
+	else
+		echo "bench: kept $work"
+	fi
+}
+trap stop_cluster EXIT
+
+echo "bench: cluster in $work, port $BENCH_PORT"
+"$bindir/initdb" -D "$data" -A trust -U postgres --no-sync >"$work/initdb.log" 2>&1
+cat >>"$data/postgresql.conf" <<EOF
+
+# market benchmark
+port = $BENCH_PORT
+listen_addresses = ''
+unix_socket_directories = '$work'
+shared_preload_libraries = 'market,pg_cron'
+market.database = '$db'
+cron.database_name = '$db'
+synchronous_commit = $BENCH_SYNC_COMMIT
+fsync = on
+max_connections = 400
+shared_buffers = 1GB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+log_min_messages = warning
+EOF
+"$bindir/pg_ctl" -D "$data" -l "$work/server.log" -w -t 120 start >/dev/null
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE $db"
+
+echo "bench: catalog: $BENCH_SKUS SKUs, stock 1e9 each"
+t0=$(date +%s)
+sql "CREATE EXTENSION market"
+wh=$(sql "SELECT market.warehouse_create('bench-w1', 'Bench warehouse')")
+seller=$(sql "SELECT market.seller_create('Bench seller')")
+product=$(sql "SELECT market.product_create($seller, 'Bench product')")
+sql "SELECT count(market.sku_create($product, 'bench-' || g, 100, 'EUR'))
+       FROM generate_series(1, $BENCH_SKUS) AS g" >/dev/null
+base=$(sql "SELECT min(id) FROM market.skus")
+# in chunks of 1000, one transaction each: stock_set takes a transaction-level
+# lock per (SKU, warehouse), and 100K of them overflow the lock table
+sql "DO \$\$
+     DECLARE lo bigint;
+     BEGIN
+         FOR lo IN SELECT g FROM generate_series($base, $base + $BENCH_SKUS - 1, 1000) AS g LOOP
+             PERFORM market.stock_set(id, $wh, 1000000000) FROM market.skus
+               WHERE id >= lo AND id < lo + 1000;
+             COMMIT;
+         END LOOP;
+     END \$\$"
+nstock=$(sql "SELECT count(*) FROM market.stock")
+if [ "$nstock" -ne "$BENCH_SKUS" ]; then
+	echo "bench: expected $BENCH_SKUS stock rows, found $nstock" >&2
+	exit 1
+fi
+sql "CREATE TABLE bench_stock (sku bigint PRIMARY KEY, qty bigint NOT NULL);
+     INSERT INTO bench_stock VALUES (1, 1000000000)"
+sql "VACUUM ANALYZE" >/dev/null
+sql "CHECKPOINT"
+echo "bench: catalog ready in $(($(date +%s) - t0)) s (hot SKU id $base)"
+
+# the disk's flush rate: every committed transaction waits for one
+fsync_rate=$("$bindir/pg_test_fsync" -s 2 -f "$work/fsync.test" 2>/dev/null |
+	awk '/^Compare file sync methods using one/ { one = 1 } one && $1 == "fdatasync" { print $2; exit }')
+rm -f "$work/fsync.test"
+
+slots=$(sql "SELECT current_setting('market.stock_slots', true)")
+expiry=$(sql "SELECT running FROM market.worker_status()")
+
+# ---------------------------------------------------------------------------
+# the scripts
+# ---------------------------------------------------------------------------
+cat >"$work/hot.sql" <<'EOF'
+SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]');
+EOF
+cat >"$work/baseline.sql" <<'EOF'
+UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1;
+EOF
+cat >"$work/zipf.sql" <<EOF
+\\set r random_zipfian(1, :nskus, $BENCH_ZIPF_S)
+\\set sku :base + :r - 1
+SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]');
+EOF
+cat >"$work/select1.sql" <<'EOF'
+SELECT 1;
+EOF
+
+# ---------------------------------------------------------------------------
+# one point
+# ---------------------------------------------------------------------------
+results="$work/results.tsv"
+: >"$results"
+
+clean_reservations() {
+	sql "SELECT count(market.reservation_release(id)) FROM market.reservations
+	      WHERE status = 'held'" >/dev/null
+	sql "DELETE FROM market.reservations WHERE status IN ('released', 'expired')"
+	sql "VACUUM ANALYZE market.reservations, market.stock_slots" >/dev/null
+}
+
+# percentiles (ms) of the latency column of pgbench -l logs
+latency_stats() {
+	cat "$@" | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n |
+		awk '{ a[NR] = $1 }
+		     function pct(q,   i) { i = int(q * NR + 0.999999); if (i < 1) i = 1; return a[i] / 1000 }
+		     END { if (NR == 0) print "- - - 0"; else printf "%.3f %.3f %.3f %d\n", pct(0.50), pct(0.95), pct(0.99), NR }'
+}
+
+run_point() {
+	local scenario=$1 clients=$2 script=$3
+	local name="${scenario}-${clients}"
+	local dir="$logs/$name"
+	mkdir -p "$dir"
+	local before=0
+	case $scenario in
+	hot | zipf) clean_reservations ;;
+	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
+	esac
+	sql "CHECKPOINT"
+
+	local threads=$BENCH_THREADS
+	[ "$clients" -lt "$threads" ] && threads=$clients
+	echo "bench: $name: pgbench -c $clients -j $threads -T $BENCH_SECONDS"
+	local rc=0
+	"$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" \
+		-c "$clients" -j "$threads" -T "$BENCH_SECONDS" \
+		-l --log-prefix="$dir/log" \
+		-D sku="$base" -D base="$base" -D nskus="$BENCH_SKUS" \
+		-f "$work/$script" "$db" >"$dir/out" 2>"$dir/err" || rc=$?
+
+	local processed tps aborted successes audit=-
+	processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$dir/out")
+	tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p' "$dir/out")
+	aborted=$(grep -c 'aborted in command' "$dir/err" || true)
+	if [ -z "$processed" ] || [ -z "$tps" ]; then
+		echo "bench: $name: pgbench failed (rc $rc):" >&2
+		tail -5 "$dir/err" >&2
+		processed=0 tps=0
+	elif [ "$rc" -ne 0 ]; then
+		echo "bench: $name: pgbench exited $rc, $aborted clients aborted:" >&2
+		grep -m3 'aborted\|ERROR' "$dir/err" >&2 || true
+	fi
+
+	case $scenario in
+	hot | zipf)
+		successes=$(sql "SELECT count(*) FROM market.reservations")
+		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
+		;;
+	baseline)
+		successes=$(($(sql "SELECT qty FROM bench_stock WHERE sku = 1") - before))
+		successes=${successes#-}
+		;;
+	select1) successes=$processed ;;
+	esac
+
+	local rate
+	rate=$(awk -v s="$successes" -v n="$processed" -v t="$tps" \
+		'BEGIN { if (n > 0 && t > 0) printf "%.0f", s / (n / t); else print 0 }')
+	local p50 p95 p99 nlog
+	read -r p50 p95 p99 nlog < <(latency_stats "$dir"/log*)
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+		"$scenario" "$clients" "$rate" "$p50" "$p95" "$p99" "$audit" "$aborted" \
+		"$successes" "$processed" >>"$results"
+	echo "bench: $name: $successes successes, $processed transactions, $rate/s," \
+		"p50 $p50 ms, p95 $p95 ms, p99 $p99 ms, audit violations $audit"
+	[ -n "${BENCH_KEEP:-}" ] || rm -f "$dir"/log*
+}
+
+for scenario in $BENCH_SCENARIOS; do
+	case $scenario in
+	hot) for c in $BENCH_CLIENTS; do run_point hot "$c" hot.sql; done ;;
+	baseline) for c in $BENCH_CLIENTS; do run_point baseline "$c" baseline.sql; done ;;
+	zipf) for c in $BENCH_ZIPF_CLIENTS; do run_point zipf "$c" zipf.sql; done ;;
+	select1)
+		# at every client count used above
+		for c in $(printf '%s\n' $BENCH_CLIENTS $BENCH_ZIPF_CLIENTS | sort -un); do
+			run_point select1 "$c" select1.sql
+		done
+		;;
+	*) echo "bench: unknown scenario $scenario" >&2; exit 1 ;;
+	esac
+done
+
+# ---------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------
+pgver=$("$bindir/postgres" --version)
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+mem=$(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)
+ncpu=$(nproc)
+
+awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
+	{ rows[NR] = $0; if ($1 == "baseline") bl[$2] = $3; if ($1 == "select1") s1[$2] = $3 }
+	function label(s) {
+		if (s == "hot") return "market.reserve, 1 hot SKU"
+		if (s == "baseline") return "baseline UPDATE, 1 hot row"
+		if (s == "zipf") return sprintf("market.reserve, %d SKUs, Zipf s=%s", nskus, zs)
+		if (s == "select1") return "SELECT 1 (ceiling)"
+		return s
+	}
+	function ratio(v, b) { return (b > 0) ? sprintf("%.2f", v / b) : "-" }
+	END {
+		print "| scenario | clients | successful/s | p50 ms | p95 ms | p99 ms | audit violations | aborted clients | vs baseline | vs SELECT 1 |"
+		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+		for (i = 1; i <= NR; i++) {
+			split(rows[i], f, "\t")
+			printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+				label(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8],
+				ratio(f[3], bl[f[2]]), ratio(f[3], s1[f[2]])
+		}
+	}' "$results" >"$work/table.md"
+
+{
+	echo "# market benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
+	echo
+	echo "- machine: $ncpu CPUs ($cpu), $mem RAM"
+	echo "- market.so sha256 $(sha256sum "$pkglibdir/market.so" | cut -c1-12)"
+	echo "- disk: fdatasync of one 8 kB write ${fsync_rate:-?} ops/s (pg_test_fsync)"
+	echo "- $pgver; market at $BENCH_REV; pgbench -j $BENCH_THREADS, $BENCH_SECONDS s per point, simple protocol"
+	echo "- server: synchronous_commit = $BENCH_SYNC_COMMIT, fsync = on, shared_buffers = 1GB, max_connections = 400,"
+	echo "  shared_preload_libraries = 'market,pg_cron', market.stock_slots = ${slots:-default}, expiry worker running: ${expiry:-?}"
+	echo "- successful/s: successes counted in the database / run time measured by pgbench"
+	echo "- vs baseline, vs SELECT 1: successful/s over that scenario's at the same client count"
+	echo
+	cat "$work/table.md"
+} >"$work/report.md"
+
+echo
+cat "$work/report.md"
+mkdir -p "$(dirname "$BENCH_OUT")"
+cp "$work/report.md" "$BENCH_OUT"
+[ -n "${BENCH_INNER:-}" ] || echo "bench: table written to $BENCH_OUT"
