@@ -9,10 +9,12 @@
  * on_hand and a free counter, and each guarded by an advisory lock of its
  * own.  A reservation of qty units:
  *
- *	fast path	reads which slots hold >= qty free units and try-locks their
- *				advisory locks, starting at a slot picked by the backend's pid
- *				so concurrent sessions spread over the slots; the first one it
- *				gets that still has the units is decremented.  Nobody waits.
+ *	fast path	try-locks the backend's home slot (pid mod N) and takes the
+ *				units if it has them; else reads which slots hold >= qty free
+ *				units and try-locks their advisory locks, starting at a slot
+ *				picked by pid so concurrent sessions spread over the slots;
+ *				the first one it gets that still has the units is decremented.
+ *				Nobody waits.
  *	slot wait	if every fitting slot is busy, queue on one slot's advisory
  *				lock (a plain FIFO lock queue, not a row-lock pile-up) and
  *				re-check once it is ours.
@@ -190,15 +192,17 @@ take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
 }
 
 /*
- * claim_slot is the fast path and the slot wait.  It reads which slots
- * hold at least qty free units, then tries their advisory locks without
- * waiting, starting at a slot picked by pid so that concurrent sessions
- * spread out; the first slot it locks that still has the units is taken.
- * When every such slot is busy it queues on one of them.  Returns the slot
- * taken, or -1.
+ * claim_slot is the fast path and the slot wait.  It first tries the
+ * backend's home slot (pid modulo the slot count: with as many slots as
+ * sessions, every session has a slot of its own).  Failing that, it reads
+ * which slots hold at least qty free units and tries their advisory locks
+ * without waiting, starting at a slot picked by pid so that concurrent
+ * sessions spread out; the first slot it locks that still has the units is
+ * taken.  When every such slot is busy it queues on one of them.  Returns
+ * the slot taken, or -1.
  */
 static int32
-claim_slot(int64 sku_id, int32 warehouse_id, int64 qty)
+claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 {
 	static SPIPlanPtr fit_plan = NULL;
 	Oid			types[3] = {INT8OID, INT4OID, INT8OID};
@@ -212,6 +216,20 @@ claim_slot(int64 sku_id, int32 warehouse_id, int64 qty)
 				   "SELECT slot FROM market.stock_slots"
 				   " WHERE sku_id = $1 AND warehouse_id = $2 AND free >= $3",
 				   3, types);
+
+	if (nslots > 0)
+	{
+		int32		home = MyProcPid % nslots;
+
+		slot_locktag(&tag, sku_id, warehouse_id, home);
+		if (LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
+		{
+			if (take_from_slot(sku_id, warehouse_id, home, qty))
+				return home;
+			LockRelease(&tag, ExclusiveLock, false);
+		}
+	}
+
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
 	values[2] = Int64GetDatum(qty);
@@ -487,9 +505,10 @@ market_available_units(int64 sku_id, int32 warehouse_id)
  * Returns false if the pair cannot serve qty units.
  */
 static bool
-take_from_pair(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
+take_from_pair(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty,
+			   TakeList *takes)
 {
-	int32		slot = claim_slot(sku_id, warehouse_id, qty);
+	int32		slot = claim_slot(sku_id, warehouse_id, nslots, qty);
 
 	if (slot >= 0)
 	{
@@ -516,14 +535,15 @@ market_take_line(const ReserveLine *line, TakeList *takes)
 	Datum		values[2];
 	int			n;
 	int32	   *warehouses;
+	int32	   *nslots;
 
 	market_prepare(&any_plan,
-				   "SELECT st.warehouse_id FROM market.stock st"
+				   "SELECT st.warehouse_id, st.slots FROM market.stock st"
 				   " JOIN market.warehouses w ON w.id = st.warehouse_id"
 				   " WHERE st.sku_id = $1 ORDER BY w.priority, st.warehouse_id",
 				   1, types);
 	market_prepare(&one_plan,
-				   "SELECT warehouse_id FROM market.stock"
+				   "SELECT warehouse_id, slots FROM market.stock"
 				   " WHERE sku_id = $1 AND warehouse_id = $2",
 				   2, types);
 	values[0] = Int64GetDatum(line->sku_id);
@@ -548,12 +568,16 @@ market_take_line(const ReserveLine *line, TakeList *takes)
 	}
 
 	warehouses = palloc(sizeof(int32) * Max(n, 1));
+	nslots = palloc(sizeof(int32) * Max(n, 1));
 	for (int i = 0; i < n; i++)
+	{
 		warehouses[i] = (int32) get_int64(i, 1, NULL);
+		nslots[i] = (int32) get_int64(i, 2, NULL);
+	}
 
 	for (int i = 0; i < n; i++)
 	{
-		if (take_from_pair(line->sku_id, warehouses[i], line->qty, takes))
+		if (take_from_pair(line->sku_id, warehouses[i], nslots[i], line->qty, takes))
 			return;
 	}
 
