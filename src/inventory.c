@@ -262,20 +262,13 @@ claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 	return -1;
 }
 
-/* lock_pair_exclusively takes the pair's transaction-level advisory lock. */
-static void
-lock_pair_exclusively(int64 sku_id, int32 warehouse_id)
-{
-	LOCKTAG		tag;
-
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) sku_id,
-						 (uint32) warehouse_id, MARKET_PAIR_LOCK_MARKER);
-	(void) LockAcquire(&tag, ExclusiveLock, false, false);
-}
-
 /*
  * market_lock_all_slots serializes on the pair: its advisory lock, then
- * every slot row FOR UPDATE in slot order.
+ * every slot row FOR UPDATE in slot order.  The advisory lock only orders
+ * the sessions queueing for the exact path (one FIFO queue instead of a
+ * pile-up on N rows); once the rows are ours it is released, so a bulk
+ * load touching many pairs in one transaction does not fill the lock
+ * table.  The row locks last until the transaction ends.
  */
 void
 market_lock_all_slots(int64 sku_id, int32 warehouse_id)
@@ -283,8 +276,11 @@ market_lock_all_slots(int64 sku_id, int32 warehouse_id)
 	static SPIPlanPtr plan = NULL;
 	Oid			types[2] = {INT8OID, INT4OID};
 	Datum		values[2];
+	LOCKTAG		tag;
 
-	lock_pair_exclusively(sku_id, warehouse_id);
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) sku_id,
+						 (uint32) warehouse_id, MARKET_PAIR_LOCK_MARKER);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 	market_prepare(&plan,
 				   "SELECT slot FROM market.stock_slots"
 				   " WHERE sku_id = $1 AND warehouse_id = $2 ORDER BY slot FOR UPDATE",
@@ -292,6 +288,7 @@ market_lock_all_slots(int64 sku_id, int32 warehouse_id)
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
 	run_plan(plan, values, SPI_OK_SELECT, 0);
+	LockRelease(&tag, ExclusiveLock, false);
 }
 
 /* load_slots reads the pair's slots (which the caller has locked). */
