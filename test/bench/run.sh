@@ -3,9 +3,12 @@
 #
 # Scenarios, one table at the end:
 #   hot       market.reserve of 1 unit of one hot SKU (stock 1e9, never sells out)
+#   flash     the same on a second SKU prepared for a flash sale: 256 slots
+#             (stock_set(..., slots => 256)) instead of the default
 #   baseline  the textbook hot row in plain SQL:
 #             UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1
 #   zipf      market.reserve over $BENCH_SKUS SKUs with Zipf popularity
+#   insert1   INSERT of one row: the ceiling for a one-row write transaction
 #   select1   SELECT 1, the ceiling of this machine for a one-statement transaction
 #
 # Successes are counted in the database, not taken from pgbench: reservations
@@ -19,7 +22,7 @@
 #   BENCH_SECONDS       seconds per point (20)
 #   BENCH_CLIENTS       client counts for hot, baseline, select1 ("16 64 256")
 #   BENCH_ZIPF_CLIENTS  client counts for zipf ("64 256")
-#   BENCH_SCENARIOS     which scenarios ("hot baseline zipf select1")
+#   BENCH_SCENARIOS     which scenarios ("hot flash baseline zipf insert1 select1")
 #   BENCH_SKUS          SKUs for zipf (100000)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
 #   BENCH_THREADS       pgbench -j (2)
@@ -42,7 +45,7 @@ repo=$(cd "$here/../.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_CLIENTS=${BENCH_CLIENTS:-"16 64 256"}
 BENCH_ZIPF_CLIENTS=${BENCH_ZIPF_CLIENTS:-"64 256"}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot baseline zipf select1"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash baseline zipf insert1 select1"}
 BENCH_SKUS=${BENCH_SKUS:-100000}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
@@ -180,8 +183,11 @@ if [ "$nstock" -ne "$BENCH_SKUS" ]; then
 	echo "bench: expected $BENCH_SKUS stock rows, found $nstock" >&2
 	exit 1
 fi
+# the flash-sale SKU: the next one, re-spread over 256 slots
+sql "SELECT market.stock_set($base + 1, $wh, 1000000000, slots => 256)" >/dev/null
 sql "CREATE TABLE bench_stock (sku bigint PRIMARY KEY, qty bigint NOT NULL);
-     INSERT INTO bench_stock VALUES (1, 1000000000)"
+     INSERT INTO bench_stock VALUES (1, 1000000000);
+     CREATE TABLE bench_insert (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
 sql "VACUUM ANALYZE" >/dev/null
 sql "CHECKPOINT"
 echo "bench: catalog ready in $(($(date +%s) - t0)) s (hot SKU id $base)"
@@ -207,6 +213,12 @@ cat >"$work/zipf.sql" <<EOF
 \\set r random_zipfian(1, :nskus, $BENCH_ZIPF_S)
 \\set sku :base + :r - 1
 SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]');
+EOF
+cat >"$work/flash.sql" <<'EOF'
+SELECT market.reserve('[{"sku_id": :flash, "qty": 1}]');
+EOF
+cat >"$work/insert1.sql" <<'EOF'
+INSERT INTO bench_insert DEFAULT VALUES;
 EOF
 cat >"$work/select1.sql" <<'EOF'
 SELECT 1;
@@ -240,7 +252,7 @@ run_point() {
 	mkdir -p "$dir"
 	local before=0
 	case $scenario in
-	hot | zipf) clean_reservations ;;
+	hot | flash | zipf) clean_reservations ;;
 	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
 	esac
 	sql "CHECKPOINT"
@@ -252,7 +264,7 @@ run_point() {
 	"$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" \
 		-c "$clients" -j "$threads" -T "$BENCH_SECONDS" \
 		-l --log-prefix="$dir/log" \
-		-D sku="$base" -D base="$base" -D nskus="$BENCH_SKUS" \
+		-D sku="$base" -D flash="$((base + 1))" -D base="$base" -D nskus="$BENCH_SKUS" \
 		-f "$work/$script" "$db" >"$dir/out" 2>"$dir/err" || rc=$?
 
 	local processed tps aborted successes audit=-
@@ -269,7 +281,7 @@ run_point() {
 	fi
 
 	case $scenario in
-	hot | zipf)
+	hot | flash | zipf)
 		successes=$(sql "SELECT count(*) FROM market.reservations")
 		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
 		;;
@@ -277,7 +289,7 @@ run_point() {
 		successes=$(($(sql "SELECT qty FROM bench_stock WHERE sku = 1") - before))
 		successes=${successes#-}
 		;;
-	select1) successes=$processed ;;
+	select1 | insert1) successes=$processed ;;
 	esac
 
 	local rate
@@ -296,6 +308,8 @@ run_point() {
 for scenario in $BENCH_SCENARIOS; do
 	case $scenario in
 	hot) for c in $BENCH_CLIENTS; do run_point hot "$c" hot.sql; done ;;
+	flash) for c in $BENCH_CLIENTS; do run_point flash "$c" flash.sql; done ;;
+	insert1) for c in $BENCH_CLIENTS; do run_point insert1 "$c" insert1.sql; done ;;
 	baseline) for c in $BENCH_CLIENTS; do run_point baseline "$c" baseline.sql; done ;;
 	zipf) for c in $BENCH_ZIPF_CLIENTS; do run_point zipf "$c" zipf.sql; done ;;
 	select1)
@@ -320,6 +334,8 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	{ rows[NR] = $0; if ($1 == "baseline") bl[$2] = $3; if ($1 == "select1") s1[$2] = $3 }
 	function label(s) {
 		if (s == "hot") return "market.reserve, 1 hot SKU"
+		if (s == "flash") return "market.reserve, 1 hot SKU with 256 slots"
+		if (s == "insert1") return "INSERT of one row (write ceiling)"
 		if (s == "baseline") return "baseline UPDATE, 1 hot row"
 		if (s == "zipf") return sprintf("market.reserve, %d SKUs, Zipf s=%s", nskus, zs)
 		if (s == "select1") return "SELECT 1 (ceiling)"
