@@ -67,6 +67,7 @@ SELECT market.available(NULL, :w1);                     -- MK020
 SELECT market.available(999999999);                     -- MK010
 SELECT market.available(999999999, :w1);                -- MK010
 SELECT market.available(:a, 999999);                    -- MK011
+SELECT market.available(:a, 0);                         -- MK011 (0 is no warehouse)
 -- 10^12 itself is allowed
 SELECT market.stock_set(:b, :w1, 1000000000000) AS on_hand;
 SELECT market.available(:b) AS avail;

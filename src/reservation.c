@@ -581,7 +581,15 @@ market_available(PG_FUNCTION_ARGS)
 	require_arg(fcinfo, 0, "sku_id");
 	sku_id = PG_GETARG_INT64(0);
 	if (!PG_ARGISNULL(1))
+	{
 		warehouse_id = PG_GETARG_INT32(1);
+		if (warehouse_id <= 0)
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_WAREHOUSE),
+					 errmsg("unknown warehouse"),
+					 errdetail("No warehouse has id %d.", warehouse_id),
+					 errhint("Pass NULL (the default) to count every warehouse.")));
+	}
 
 	SPI_connect();
 	avail = market_available_units(sku_id, warehouse_id);
