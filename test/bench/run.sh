@@ -8,6 +8,9 @@
 #   baseline  the textbook hot row in plain SQL:
 #             UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1
 #   zipf      market.reserve over $BENCH_SKUS SKUs with Zipf popularity
+#   expiry    Zipf reservations with a 2 s TTL at BENCH_EXPIRY_CLIENTS clients, nobody
+#             commits: afterwards, how late the worker returned them (finished_at -
+#             expires_at), p50/p99, for those that expired while the load ran
 #   insert1   INSERT of one row: the ceiling for a one-row write transaction
 #   select1   SELECT 1, the ceiling of this machine for a one-statement transaction
 #
@@ -22,7 +25,8 @@
 #   BENCH_SECONDS       seconds per point (20)
 #   BENCH_CLIENTS       client counts for hot, baseline, select1 ("16 64 256")
 #   BENCH_ZIPF_CLIENTS  client counts for zipf ("64 256")
-#   BENCH_SCENARIOS     which scenarios ("hot flash baseline zipf insert1 select1")
+#   BENCH_SCENARIOS     which scenarios ("hot flash baseline zipf expiry insert1 select1")
+#   BENCH_EXPIRY_CLIENTS  client count of the expiry scenario (64)
 #   BENCH_SKUS          SKUs for zipf (100000)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
 #   BENCH_THREADS       pgbench -j (2)
@@ -45,7 +49,8 @@ repo=$(cd "$here/../.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_CLIENTS=${BENCH_CLIENTS:-"16 64 256"}
 BENCH_ZIPF_CLIENTS=${BENCH_ZIPF_CLIENTS:-"64 256"}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash baseline zipf insert1 select1"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash baseline zipf expiry insert1 select1"}
+BENCH_EXPIRY_CLIENTS=${BENCH_EXPIRY_CLIENTS:-64}
 BENCH_SKUS=${BENCH_SKUS:-100000}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
@@ -217,6 +222,11 @@ EOF
 cat >"$work/flash.sql" <<'EOF'
 SELECT market.reserve('[{"sku_id": :flash, "qty": 1}]');
 EOF
+cat >"$work/expiry.sql" <<EOF
+\\set r random_zipfian(1, :nskus, $BENCH_ZIPF_S)
+\\set sku :base + :r - 1
+SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]', '2 seconds');
+EOF
 cat >"$work/insert1.sql" <<'EOF'
 INSERT INTO bench_insert DEFAULT VALUES;
 EOF
@@ -252,7 +262,7 @@ run_point() {
 	mkdir -p "$dir"
 	local before=0
 	case $scenario in
-	hot | flash | zipf) clean_reservations ;;
+	hot | flash | zipf | expiry) clean_reservations ;;
 	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
 	esac
 	sql "CHECKPOINT"
@@ -281,7 +291,7 @@ run_point() {
 	fi
 
 	case $scenario in
-	hot | flash | zipf)
+	hot | flash | zipf | expiry)
 		successes=$(sql "SELECT count(*) FROM market.reservations")
 		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
 		;;
@@ -310,6 +320,26 @@ for scenario in $BENCH_SCENARIOS; do
 	hot) for c in $BENCH_CLIENTS; do run_point hot "$c" hot.sql; done ;;
 	flash) for c in $BENCH_CLIENTS; do run_point flash "$c" flash.sql; done ;;
 	insert1) for c in $BENCH_CLIENTS; do run_point insert1 "$c" insert1.sql; done ;;
+	expiry)
+		run_point expiry "$BENCH_EXPIRY_CLIENTS" expiry.sql
+		t_end=$(sql "SELECT now()")
+		# let the last ones (TTL 2 s) expire and be returned
+		for _ in $(seq 1 100); do
+			[ "$(sql "SELECT count(*) FROM market.reservations WHERE status = 'held'")" = 0 ] && break
+			sleep 0.1
+		done
+		expiry_lag=$(sql "SELECT format('%s reservations expired while the load ran; lag of the worker (finished_at - expires_at): p50 %s ms, p99 %s ms, max %s ms; still held afterwards: %s',
+				count(*) FILTER (WHERE status = 'expired' AND expires_at <= '$t_end'),
+				round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - expires_at))
+				       FILTER (WHERE status = 'expired' AND expires_at <= '$t_end'))::numeric * 1000, 1),
+				round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - expires_at))
+				       FILTER (WHERE status = 'expired' AND expires_at <= '$t_end'))::numeric * 1000, 1),
+				round((max(extract(epoch FROM finished_at - expires_at))
+				       FILTER (WHERE status = 'expired' AND expires_at <= '$t_end'))::numeric * 1000, 1),
+				count(*) FILTER (WHERE status = 'held'))
+			FROM market.reservations")
+		echo "bench: expiry: $expiry_lag"
+		;;
 	baseline) for c in $BENCH_CLIENTS; do run_point baseline "$c" baseline.sql; done ;;
 	zipf) for c in $BENCH_ZIPF_CLIENTS; do run_point zipf "$c" zipf.sql; done ;;
 	select1)
@@ -336,6 +366,7 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 		if (s == "hot") return "market.reserve, 1 hot SKU"
 		if (s == "flash") return "market.reserve, 1 hot SKU with 256 slots"
 		if (s == "insert1") return "INSERT of one row (write ceiling)"
+		if (s == "expiry") return sprintf("market.reserve, Zipf, TTL 2 s (expiry under load)")
 		if (s == "baseline") return "baseline UPDATE, 1 hot row"
 		if (s == "zipf") return sprintf("market.reserve, %d SKUs, Zipf s=%s", nskus, zs)
 		if (s == "select1") return "SELECT 1 (ceiling)"
@@ -366,6 +397,10 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	echo "- vs baseline, vs SELECT 1: successful/s over that scenario's at the same client count"
 	echo
 	cat "$work/table.md"
+	if [ -n "${expiry_lag:-}" ]; then
+		echo
+		echo "Expiry under load: $expiry_lag."
+	fi
 } >"$work/report.md"
 
 echo
