@@ -23,7 +23,8 @@ SELECT * FROM market.verify_inventory();
 -- the rows reported for VFY-A (ids compared, not printed)
 CREATE TEMP VIEW vfy AS
 	SELECT invariant, sku_id = :v AS this_sku, warehouse_id = :w AS this_warehouse,
-		   CASE WHEN invariant = 'sale_matches_ledger' THEN '(names the reservation)' ELSE detail END AS detail
+		   CASE WHEN invariant IN ('sale_matches_ledger', 'reservation_well_formed')
+				THEN '(names the reservation)' ELSE detail END AS detail
 	  FROM market.verify_inventory();
 
 -- 1. on-hand raised in a slot: the ledger and the reservations disagree
@@ -86,6 +87,16 @@ SELECT * FROM vfy ORDER BY invariant;
 ROLLBACK;
 SELECT count(*) AS check_constraints FROM pg_constraint
  WHERE conrelid = 'market.stock_slots'::regclass AND contype = 'c';
+SELECT * FROM market.verify_inventory();
+
+-- 8. a malformed reservation row: held, yet with a finish time; and lines
+-- whose arrays disagree in length (the shape is the audit's to check)
+BEGIN;
+UPDATE market.reservations SET finished_at = now() WHERE id = :'r';
+SELECT * FROM vfy ORDER BY invariant;
+UPDATE market.reservations SET finished_at = NULL, qtys = qtys || 1::bigint WHERE id = :'r';
+SELECT * FROM vfy ORDER BY invariant;
+ROLLBACK;
 SELECT * FROM market.verify_inventory();
 
 -- a real sale keeps everything consistent

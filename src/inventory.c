@@ -43,6 +43,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "market.h"
@@ -54,6 +55,7 @@ typedef struct SlotSet
 	int32	   *slot;
 	int64	   *on_hand;
 	int64	   *free;
+	bool	   *usable;			/* may this pass change the slot's free? */
 } SlotSet;
 
 /*
@@ -312,8 +314,10 @@ load_slots(int64 sku_id, int32 warehouse_id, SlotSet *set)
 	set->slot = palloc(sizeof(int32) * Max(n, 1));
 	set->on_hand = palloc(sizeof(int64) * Max(n, 1));
 	set->free = palloc(sizeof(int64) * Max(n, 1));
+	set->usable = palloc(sizeof(bool) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
+		set->usable[i] = true;
 		set->slot[i] = (int32) get_int64(i, 1, NULL);
 		set->on_hand[i] = get_int64(i, 2, NULL);
 		set->free[i] = get_int64(i, 3, NULL);
@@ -358,25 +362,54 @@ store_slots(int64 sku_id, int32 warehouse_id, SlotSet *set)
 static void
 spread_free(SlotSet *set, int64 total_free)
 {
-	int64		share = total_free / set->n;
-	int64		extra = total_free % set->n;
+	int			nusable = 0;
+	int64		share;
+	int64		extra;
+	int			k = 0;
 
+	for (int i = 0; i < set->n; i++)
+		nusable += set->usable[i] ? 1 : 0;
+	if (nusable == 0)
+		return;
+	share = total_free / nusable;
+	extra = total_free % nusable;
 	for (int i = 0; i < set->n; i++)
 	{
 		int64		held = set->on_hand[i] - set->free[i];
 
-		set->free[i] = share + (i < extra ? 1 : 0);
+		if (!set->usable[i])
+			continue;
+		set->free[i] = share + (k++ < extra ? 1 : 0);
 		set->on_hand[i] = held + set->free[i];
 	}
 }
 
 /*
- * market_rebalance (slots locked by the caller) adds add_free units (may be
- * negative) to the pair's free stock, re-spreads it and reports the new
- * on-hand and held totals.  The caller has checked free stays >= 0.
+ * add_free spreads add (>= 0) free units over the slots on top of what
+ * each has: no slot's free count goes down, so a session queued on a slot
+ * for its units still finds them when its turn comes.
+ */
+static void
+add_free(SlotSet *set, int64 add)
+{
+	for (int i = 0; i < set->n; i++)
+	{
+		int64		more = add / set->n + (i < add % set->n ? 1 : 0);
+
+		set->free[i] += more;
+		set->on_hand[i] += more;
+	}
+}
+
+/*
+ * market_rebalance (slots locked by the caller) adds add units (may be
+ * negative) to the pair's free stock and reports the new on-hand and held
+ * totals.  An addition is spread on top of what each slot has; a removal,
+ * or respread, evens out every slot.  The caller has checked free stays
+ * >= 0.
  */
 void
-market_rebalance(int64 sku_id, int32 warehouse_id, int64 add_free,
+market_rebalance(int64 sku_id, int32 warehouse_id, int64 add, bool respread,
 				 int64 *on_hand_out, int64 *held_out)
 {
 	SlotSet		set;
@@ -391,22 +424,33 @@ market_rebalance(int64 sku_id, int32 warehouse_id, int64 add_free,
 		free_total += set.free[i];
 		held_total += set.on_hand[i] - set.free[i];
 	}
-	Assert(free_total + add_free >= 0);
-	spread_free(&set, free_total + add_free);
+	Assert(free_total + add >= 0);
+	if (add >= 0 && !respread)
+		add_free(&set, add);
+	else
+		spread_free(&set, free_total + add);
 	store_slots(sku_id, warehouse_id, &set);
 	if (on_hand_out)
-		*on_hand_out = held_total + free_total + add_free;
+		*on_hand_out = held_total + free_total + add;
 	if (held_out)
 		*held_out = held_total;
 }
 
 /*
- * take_exact is the exact path for one pair: serialize, reclaim expired
- * units, and take qty across slots if the pair holds that many free units.
- * Returns false (keeping the locks) when it does not.
+ * take_exact_locked is the exact path for one pair: serialize, reclaim
+ * expired units, and take qty across slots if the pair holds that many
+ * free units.  Returns false when it does not.
+ *
+ * It only changes slots whose advisory lock it can take without waiting.
+ * A slot whose lock another session holds belongs to a fast-path
+ * reservation that is about to decrement that row (it may be queued on our
+ * row lock right now): leaving the row unchanged means its UPDATE goes
+ * through when we commit, instead of failing its re-check while keeping
+ * the row locked, a stray lock that could close a cycle with this pair's
+ * lock.  Those units are spoken for anyway.
  */
 static bool
-take_exact(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
+take_exact_locked(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
 {
 	SlotSet		set;
 	int64		free_total = 0;
@@ -416,13 +460,20 @@ take_exact(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
 	market_reclaim_expired(sku_id, warehouse_id);
 	load_slots(sku_id, warehouse_id, &set);
 	for (int i = 0; i < set.n; i++)
-		free_total += set.free[i];
+	{
+		LOCKTAG		tag;
+
+		slot_locktag(&tag, sku_id, warehouse_id, set.slot[i]);
+		set.usable[i] = (LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL);
+		if (set.usable[i])
+			free_total += set.free[i];
+	}
 	if (free_total < qty)
 		return false;
 
 	for (int i = 0; i < set.n && remaining > 0; i++)
 	{
-		int64		t = Min(set.free[i], remaining);
+		int64		t = set.usable[i] ? Min(set.free[i], remaining) : 0;
 
 		if (t <= 0)
 			continue;
@@ -433,6 +484,50 @@ take_exact(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
 	spread_free(&set, free_total - qty);
 	store_slots(sku_id, warehouse_id, &set);
 	return true;
+}
+
+/*
+ * take_exact runs the exact path in a subtransaction.  When the pair cannot
+ * serve the line, the subtransaction is rolled back, so the slot rows it
+ * locked are released before the next warehouse is tried: a session never
+ * holds the rows of a pair it did not take from while it waits for
+ * another pair, which would let warehouse order (priority) and the
+ * worker's order (id) form a cycle.
+ */
+static bool
+take_exact(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	int			count_before = takes->count;
+	bool		taken;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		taken = take_exact_locked(sku_id, warehouse_id, qty, takes);
+	}
+	PG_CATCH();
+	{
+		/* end the subtransaction ourselves, then let the error go on */
+		MemoryContextSwitchTo(cxt);
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (taken)
+		ReleaseCurrentSubTransaction();
+	else
+	{
+		RollbackAndReleaseCurrentSubTransaction();
+		takes->count = count_before;
+	}
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	return taken;
 }
 
 /*
@@ -527,6 +622,7 @@ void
 market_take_line(const ReserveLine *line, TakeList *takes)
 {
 	static SPIPlanPtr any_plan = NULL;
+	static SPIPlanPtr ordered_plan = NULL;
 	static SPIPlanPtr one_plan = NULL;
 	Oid			types[2] = {INT8OID, INT4OID};
 	Datum		values[2];
@@ -534,7 +630,14 @@ market_take_line(const ReserveLine *line, TakeList *takes)
 	int32	   *warehouses;
 	int32	   *nslots;
 
+	/*
+	 * Most SKUs are stocked in one warehouse: a plain index lookup finds it,
+	 * and only a SKU in several warehouses pays for ordering them.
+	 */
 	market_prepare(&any_plan,
+				   "SELECT warehouse_id, slots FROM market.stock WHERE sku_id = $1",
+				   1, types);
+	market_prepare(&ordered_plan,
 				   "SELECT st.warehouse_id, st.slots FROM market.stock st"
 				   " JOIN market.warehouses w ON w.id = st.warehouse_id"
 				   " WHERE st.sku_id = $1 ORDER BY w.priority, st.warehouse_id",
@@ -546,7 +649,11 @@ market_take_line(const ReserveLine *line, TakeList *takes)
 	values[0] = Int64GetDatum(line->sku_id);
 	values[1] = Int32GetDatum(line->warehouse_id);
 	if (line->warehouse_id == 0)
+	{
 		n = run_plan(any_plan, values, SPI_OK_SELECT, 0);
+		if (n > 1)
+			n = run_plan(ordered_plan, values, SPI_OK_SELECT, 0);
+	}
 	else
 		n = run_plan(one_plan, values, SPI_OK_SELECT, 1);
 
@@ -728,23 +835,23 @@ market_takes_from_tuple(HeapTuple tup, TupleDesc desc, int first, TakeList *take
 }
 
 /*
- * market_reclaim_expired (pair locked by the caller) returns the units that
- * expired reservations hold in this pair, so the exact path can count
- * them.  We never wait here: a reservation another session is finishing is
- * skipped (SKIP LOCKED).  If all of a reservation's other slots can be
- * locked without waiting, the whole reservation is expired; otherwise only
- * its lines in this pair are returned and marked returned (slot = -1), and
- * the worker expires the rest.  Returns how many reservations it touched.
+ * market_reclaim_expired (every slot of the pair locked by the caller)
+ * returns the units that expired reservations hold in this pair, so the
+ * exact path can count them.  It never waits and never locks a row of
+ * another pair (that would break the lock order of market.h): a
+ * reservation another session is finishing is skipped (SKIP LOCKED); one
+ * whose lines all lie in this pair is expired whole; for one that also
+ * holds units elsewhere, only its lines in this pair are returned and
+ * marked returned (slot = -1), and the worker expires the rest.  Returns
+ * how many reservations it expired whole.
  */
 int
 market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 {
 	static SPIPlanPtr pick_plan = NULL;
-	static SPIPlanPtr trylock_plan = NULL;
 	static SPIPlanPtr mark_plan = NULL;
 	static SPIPlanPtr partial_plan = NULL;
 	Oid			types[3] = {INT8OID, INT4OID, TIMESTAMPTZOID};
-	Oid			try_types[3] = {INT8OID, INT4OID, INT4OID};
 	Oid			mark_types[2] = {UUIDOID, TIMESTAMPTZOID};
 	Oid			partial_types[2] = {UUIDOID, INT4ARRAYOID};
 	Datum		values[3];
@@ -760,10 +867,6 @@ market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 				   "   AND $2 = ANY (r.warehouse_ids)"
 				   " ORDER BY r.expires_at LIMIT 1000 FOR UPDATE SKIP LOCKED",
 				   3, types);
-	market_prepare(&trylock_plan,
-				   "SELECT 1 FROM market.stock_slots"
-				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 FOR UPDATE SKIP LOCKED",
-				   3, try_types);
 	market_prepare(&mark_plan,
 				   "UPDATE market.reservations SET status = 'expired', finished_at = $2"
 				   " WHERE id = $1",
@@ -784,42 +887,36 @@ market_reclaim_expired(int64 sku_id, int32 warehouse_id)
 		Datum		id = SPI_getbinval(picked->vals[r], picked->tupdesc, 1, &isnull);
 		TakeList	lines = {0};
 		TakeList	here = {0};
-		bool		all_locked = true;
+		bool		elsewhere = false;
 
 		market_takes_from_tuple(picked->vals[r], picked->tupdesc, 2, &lines);
 		for (int i = 0; i < lines.count; i++)
 		{
 			SlotTake   *t = &lines.items[i];
-			Datum		tv[3];
 
 			if (t->slot < 0)
 				continue;		/* returned earlier */
 			if (t->sku_id == sku_id && t->warehouse_id == warehouse_id)
-			{
 				takes_append(&here, t->sku_id, t->warehouse_id, t->slot, t->qty);
-				continue;
-			}
-			tv[0] = Int64GetDatum(t->sku_id);
-			tv[1] = Int32GetDatum(t->warehouse_id);
-			tv[2] = Int32GetDatum(t->slot);
-			if (all_locked && run_plan(trylock_plan, tv, SPI_OK_SELECT, 1) == 0)
-				all_locked = false;
+			else
+				elsewhere = true;
 		}
+		if (here.count == 0)
+			continue;
 
-		if (all_locked)
+		market_return_units(here.items, here.count, false, NULL);
+		if (!elsewhere)
 		{
 			Datum		mv[2] = {id, TimestampTzGetDatum(now)};
 
-			market_return_units(lines.items, lines.count, false, NULL);
 			run_plan(mark_plan, mv, SPI_OK_UPDATE, 0);
 			expired++;
 		}
-		else if (here.count > 0)
+		else
 		{
 			Datum	   *slots = palloc(sizeof(Datum) * lines.count);
 			Datum		pv[2];
 
-			market_return_units(here.items, here.count, false, NULL);
 			for (int i = 0; i < lines.count; i++)
 			{
 				bool		ours = (lines.items[i].sku_id == sku_id &&

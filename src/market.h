@@ -111,8 +111,8 @@ extern void market_lock_all_slots(int64 sku_id, int32 warehouse_id);
 extern int	market_reclaim_expired(int64 sku_id, int32 warehouse_id);
 extern void market_takes_from_tuple(HeapTuple tup, TupleDesc desc, int first,
 									TakeList *takes);
-extern void market_rebalance(int64 sku_id, int32 warehouse_id, int64 add_free,
-							 int64 *on_hand_out, int64 *held_out);
+extern void market_rebalance(int64 sku_id, int32 warehouse_id, int64 add,
+							 bool respread, int64 *on_hand_out, int64 *held_out);
 extern void market_return_units(const SlotTake *takes, int ntakes, bool sold,
 								pg_uuid_t *reservation);
 extern void takes_append(TakeList *list, int64 sku_id, int32 warehouse_id,

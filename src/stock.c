@@ -264,7 +264,8 @@ change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute, int64 value,
 	}
 
 	/* the removed slots' free units come back through the re-spread */
-	market_rebalance(sku_id, warehouse_id, target - on_hand + moved, NULL, NULL);
+	market_rebalance(sku_id, warehouse_id, target - on_hand + moved,
+					 new_slots > 0 && new_slots != slots, NULL, NULL);
 	append_ledger(sku_id, warehouse_id, target - on_hand, kind, reason);
 	return target;
 }
