@@ -136,10 +136,7 @@ market_expire_reservations(PG_FUNCTION_ARGS)
 	int			max_reservations;
 	int			expired;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(MK_INVALID_ARGUMENT),
-				 errmsg("max_reservations must not be null")));
+	market_require_arg(fcinfo, 0, "max_reservations");
 	max_reservations = PG_GETARG_INT32(0);
 	if (max_reservations < 1 || max_reservations > 1000000)
 		ereport(ERROR,

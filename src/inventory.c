@@ -712,9 +712,12 @@ compare_takes(const void *a, const void *b)
 	return 0;
 }
 
-/* takes_to_arrays builds the sku/warehouse/slot/qty arrays of sorted, merged takes. */
-static int
-takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays)
+/*
+ * market_takes_to_arrays builds the sku/warehouse/slot/qty arrays of a list
+ * of takes, merging adjacent takes from the same slot; returns their count.
+ */
+int
+market_takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays)
 {
 	Datum	   *sku = palloc(sizeof(Datum) * ntakes);
 	Datum	   *wh = palloc(sizeof(Datum) * ntakes);
@@ -770,7 +773,7 @@ market_return_units(const SlotTake *takes_in, int ntakes, bool sold,
 	if (n == 0)
 		return;
 	qsort(takes, n, sizeof(SlotTake), compare_takes);
-	n = takes_to_arrays(takes, n, values);
+	n = market_takes_to_arrays(takes, n, values);
 
 	market_prepare(&lock_plan,
 				   "SELECT 1 FROM market.stock_slots s"

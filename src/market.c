@@ -226,3 +226,13 @@ market_note_expiry(TimestampTz expires_at)
 	if (pending_expiry == 0 || expires_at < pending_expiry)
 		pending_expiry = expires_at;
 }
+
+/* market_require_arg raises MK020 when a required argument is NULL. */
+void
+market_require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("%s must not be null", name)));
+}

@@ -28,6 +28,7 @@
 
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 #include "port/atomics.h"
 #include "utils/uuid.h"
 
@@ -101,6 +102,7 @@ typedef struct TakeList
 } TakeList;
 
 /* src/market.c */
+extern void market_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern void market_note_expiry(TimestampTz expires_at);
 
 /* src/inventory.c: the slot engine; callers are inside SPI_connect */
@@ -115,6 +117,7 @@ extern void market_rebalance(int64 sku_id, int32 warehouse_id, int64 add,
 							 bool respread, int64 *on_hand_out, int64 *held_out);
 extern void market_return_units(const SlotTake *takes, int ntakes, bool sold,
 								pg_uuid_t *reservation);
+extern int	market_takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays);
 extern void takes_append(TakeList *list, int64 sku_id, int32 warehouse_id,
 						 int32 slot, int64 qty);
 extern bool market_sku_exists(int64 sku_id);

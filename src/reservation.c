@@ -38,16 +38,6 @@ PG_FUNCTION_INFO_V1(market_available);
 #define MAX_TTL_USECS	(USECS_PER_DAY)
 #define MIN_TTL_USECS	(USECS_PER_SEC)
 
-/* require_arg raises MK020 when a required argument is NULL. */
-static void
-require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(MK_INVALID_ARGUMENT),
-				 errmsg("%s must not be null", name)));
-}
-
 /*
  * ttl_to_usecs checks an interval TTL against 1 s .. 24 h and returns it in
  * microseconds.  Months count as 30 days (they are out of range anyway).
@@ -314,10 +304,6 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 	INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
 	Datum		values[8];
 	char		nulls[8] = "        ";
-	Datum	   *sku = palloc(sizeof(Datum) * takes->count);
-	Datum	   *wh = palloc(sizeof(Datum) * takes->count);
-	Datum	   *slot = palloc(sizeof(Datum) * takes->count);
-	Datum	   *qty = palloc(sizeof(Datum) * takes->count);
 	int			rc;
 
 	market_prepare(&plan,
@@ -325,23 +311,13 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 				   " (id, owner, status, created_at, expires_at, sku_ids, warehouse_ids, slots, qtys)"
 				   " VALUES ($1, $2, 'held', $3, $4, $5, $6, $7, $8)",
 				   8, types);
-	for (int i = 0; i < takes->count; i++)
-	{
-		sku[i] = Int64GetDatum(takes->items[i].sku_id);
-		wh[i] = Int32GetDatum(takes->items[i].warehouse_id);
-		slot[i] = Int32GetDatum(takes->items[i].slot);
-		qty[i] = Int64GetDatum(takes->items[i].qty);
-	}
 	values[0] = UUIDPGetDatum(id);
 	values[1] = owner ? PointerGetDatum(owner) : (Datum) 0;
 	if (!owner)
 		nulls[1] = 'n';
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = TimestampTzGetDatum(expires_at);
-	values[4] = PointerGetDatum(construct_array(sku, takes->count, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	values[5] = PointerGetDatum(construct_array(wh, takes->count, INT4OID, 4, true, TYPALIGN_INT));
-	values[6] = PointerGetDatum(construct_array(slot, takes->count, INT4OID, 4, true, TYPALIGN_INT));
-	values[7] = PointerGetDatum(construct_array(qty, takes->count, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	market_takes_to_arrays(takes->items, takes->count, &values[4]);
 	rc = SPI_execute_plan(plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "market: could not record reservation: %s", SPI_result_code_string(rc));
@@ -378,7 +354,7 @@ market_reserve(PG_FUNCTION_ARGS)
 	text	   *owner = NULL;
 	pg_uuid_t  *id = palloc(sizeof(pg_uuid_t));
 
-	require_arg(fcinfo, 0, "items");
+	market_require_arg(fcinfo, 0, "items");
 	items = PG_GETARG_JSONB_P(0);
 	ttl_usecs = resolve_ttl(fcinfo, 1);
 	if (!PG_ARGISNULL(2))
@@ -485,7 +461,7 @@ market_reservation_commit(PG_FUNCTION_ARGS)
 	char	   *status;
 	int64		sold = 0;
 
-	require_arg(fcinfo, 0, "reservation");
+	market_require_arg(fcinfo, 0, "reservation");
 	id = PG_GETARG_UUID_P(0);
 
 	SPI_connect();
@@ -508,7 +484,7 @@ market_reservation_release(PG_FUNCTION_ARGS)
 	char	   *status = NULL;
 	bool		released = false;
 
-	require_arg(fcinfo, 0, "reservation");
+	market_require_arg(fcinfo, 0, "reservation");
 	id = PG_GETARG_UUID_P(0);
 
 	SPI_connect();
@@ -547,8 +523,8 @@ market_reservation_extend(PG_FUNCTION_ARGS)
 	Oid			types[3] = {UUIDOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	Datum		values[3];
 
-	require_arg(fcinfo, 0, "reservation");
-	require_arg(fcinfo, 1, "ttl");
+	market_require_arg(fcinfo, 0, "reservation");
+	market_require_arg(fcinfo, 1, "ttl");
 	id = PG_GETARG_UUID_P(0);
 	ttl_usecs = ttl_to_usecs(PG_GETARG_INTERVAL_P(1));
 	expires_at = now + ttl_usecs;
@@ -578,7 +554,7 @@ market_available(PG_FUNCTION_ARGS)
 	int32		warehouse_id = 0;
 	int64		avail;
 
-	require_arg(fcinfo, 0, "sku_id");
+	market_require_arg(fcinfo, 0, "sku_id");
 	sku_id = PG_GETARG_INT64(0);
 	if (!PG_ARGISNULL(1))
 	{

@@ -23,16 +23,6 @@
 PG_FUNCTION_INFO_V1(market_stock_set);
 PG_FUNCTION_INFO_V1(market_stock_adjust);
 
-/* require_not_null raises MK020 for a NULL argument. */
-static void
-require_not_null(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(MK_INVALID_ARGUMENT),
-				 errmsg("%s must not be null", name)));
-}
-
 /* check_pair_exists raises MK010/MK011 for an unknown SKU or warehouse. */
 static void
 check_pair_exists(int64 sku_id, int32 warehouse_id)
@@ -280,9 +270,9 @@ market_stock_set(PG_FUNCTION_ARGS)
 	int32		slots = 0;
 	int64		result;
 
-	require_not_null(fcinfo, 0, "sku_id");
-	require_not_null(fcinfo, 1, "warehouse_id");
-	require_not_null(fcinfo, 2, "on_hand");
+	market_require_arg(fcinfo, 0, "sku_id");
+	market_require_arg(fcinfo, 1, "warehouse_id");
+	market_require_arg(fcinfo, 2, "on_hand");
 	sku_id = PG_GETARG_INT64(0);
 	warehouse_id = PG_GETARG_INT32(1);
 	on_hand = PG_GETARG_INT64(2);
@@ -320,10 +310,10 @@ market_stock_adjust(PG_FUNCTION_ARGS)
 	char	   *reason_str;
 	int64		result;
 
-	require_not_null(fcinfo, 0, "sku_id");
-	require_not_null(fcinfo, 1, "warehouse_id");
-	require_not_null(fcinfo, 2, "delta");
-	require_not_null(fcinfo, 3, "reason");
+	market_require_arg(fcinfo, 0, "sku_id");
+	market_require_arg(fcinfo, 1, "warehouse_id");
+	market_require_arg(fcinfo, 2, "delta");
+	market_require_arg(fcinfo, 3, "reason");
 	sku_id = PG_GETARG_INT64(0);
 	warehouse_id = PG_GETARG_INT32(1);
 	delta = PG_GETARG_INT64(2);
