@@ -125,7 +125,7 @@ extern bool market_warehouse_exists(int32 warehouse_id);
 extern int64 market_available_units(int64 sku_id, int32 warehouse_id);
 
 /* src/expiry.c */
-extern int	market_expire_batch(int max_reservations);
+extern int	market_expire_batch(int max_reservations, bool skip_busy, int *skipped);
 extern int64 market_purge_finished(int max_rows);
 extern TimestampTz market_next_expiry(void);
 

@@ -76,15 +76,20 @@ worker_detach(int code, Datum arg)
 }
 
 /*
- * run_batch runs one transaction: expire up to one batch, and when that
- * was the last batch, purge if due and look up the next expiry.  Returns
- * the number expired; *next is set (0 = none held) when the pass is done,
- * and *missing when the extension is not installed.
+ * run_batch runs one transaction: expire up to one batch (with skip_busy,
+ * leaving reservations whose slots are locked by others, counted in
+ * *skipped), and when that was the last batch, purge if due and look up
+ * the next expiry.  Returns the number expired; *next is set (0 = none
+ * held) when the pass is done, and *missing when the extension is not
+ * installed.
  */
 static int
-run_batch(bool do_purge, TimestampTz *next, bool *missing)
+run_batch(bool do_purge, bool skip_busy, TimestampTz *next, bool *missing,
+		  int *skipped)
 {
 	int			expired = 0;
+
+	*skipped = 0;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -95,8 +100,8 @@ run_batch(bool do_purge, TimestampTz *next, bool *missing)
 	*missing = !OidIsValid(get_extension_oid("market", true));
 	if (!*missing)
 	{
-		expired = market_expire_batch(market_expiry_batch_size);
-		if (expired < market_expiry_batch_size)
+		expired = market_expire_batch(market_expiry_batch_size, skip_busy, skipped);
+		if (expired + *skipped < market_expiry_batch_size)
 		{
 			if (do_purge)
 				market_purge_finished(PURGE_BATCH);
@@ -144,6 +149,7 @@ market_expiry_worker_main(Datum main_arg)
 		bool		missing = false;
 		bool		more;
 		int			expired = 0;
+		int			skipped = 0;
 		bool		do_purge;
 		long		sleep_ms;
 		MemoryContext old;
@@ -161,15 +167,26 @@ market_expiry_worker_main(Datum main_arg)
 		old = MemoryContextSwitchTo(loop_cxt);
 		now = GetCurrentTimestamp();
 		do_purge = (now - last_purge >= PURGE_INTERVAL_USECS);
+		/*
+		 * First everything whose slots are free, batch after batch, so that
+		 * reservations of hot SKUs (whose slots are nearly always locked by
+		 * someone reserving) do not hold up the rest; then one batch that
+		 * waits for the busy slots.
+		 */
 		do
 		{
-			int			n = run_batch(do_purge, &next, &missing);
+			int			n = run_batch(do_purge, true, &next, &missing, &skipped);
 
 			expired += n;
-			more = !missing && n >= market_expiry_batch_size;
+			more = !missing && n > 0 && n + skipped >= market_expiry_batch_size;
 			MemoryContextReset(loop_cxt);
 			CHECK_FOR_INTERRUPTS();
 		} while (more);
+		if (!missing && skipped > 0)
+		{
+			expired += run_batch(false, false, &next, &missing, &skipped);
+			MemoryContextReset(loop_cxt);
+		}
 		MemoryContextSwitchTo(old);
 		if (do_purge)
 			last_purge = now;
