@@ -25,22 +25,6 @@
 
 PG_FUNCTION_INFO_V1(market_expire_reservations);
 
-/* compare_slot_keys orders (sku, warehouse, slot) keys held in SlotTakes. */
-static int
-compare_slot_keys(const void *a, const void *b)
-{
-	const SlotTake *x = a;
-	const SlotTake *y = b;
-
-	if (x->sku_id != y->sku_id)
-		return x->sku_id < y->sku_id ? -1 : 1;
-	if (x->warehouse_id != y->warehouse_id)
-		return x->warehouse_id < y->warehouse_id ? -1 : 1;
-	if (x->slot != y->slot)
-		return x->slot < y->slot ? -1 : 1;
-	return 0;
-}
-
 /*
  * lock_free_slots locks, without waiting, the slots of takes that nobody
  * else holds, and returns them sorted (for bsearch) in *locked.
@@ -149,7 +133,7 @@ market_expire_batch(int max_reservations, bool skip_busy, int *skipped)
 			if (all.items[i].slot < 0)
 				continue;		/* returned earlier */
 			if (bsearch(&all.items[i], locked, nlocked, sizeof(SlotTake),
-						compare_slot_keys) == NULL)
+						market_compare_takes) == NULL)
 			{
 				ready = false;
 				break;

@@ -696,9 +696,9 @@ market_take_line(const ReserveLine *line, TakeList *takes)
 			 errhint("A line is served whole from one warehouse; split it to draw on several.") : 0));
 }
 
-/* compare_takes orders takes by (sku, warehouse, slot): the lock order. */
-static int
-compare_takes(const void *a, const void *b)
+/* market_compare_takes orders takes by (sku, warehouse, slot): the lock order. */
+int
+market_compare_takes(const void *a, const void *b)
 {
 	const SlotTake *x = a;
 	const SlotTake *y = b;
@@ -727,7 +727,7 @@ market_takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays)
 
 	for (int i = 0; i < ntakes; i++)
 	{
-		if (n > 0 && compare_takes(&takes[i], &takes[i - 1]) == 0)
+		if (n > 0 && market_compare_takes(&takes[i], &takes[i - 1]) == 0)
 		{
 			qty[n - 1] = Int64GetDatum(DatumGetInt64(qty[n - 1]) + takes[i].qty);
 			continue;
@@ -772,7 +772,7 @@ market_return_units(const SlotTake *takes_in, int ntakes, bool sold,
 			takes[n++] = takes_in[i];
 	if (n == 0)
 		return;
-	qsort(takes, n, sizeof(SlotTake), compare_takes);
+	qsort(takes, n, sizeof(SlotTake), market_compare_takes);
 	n = market_takes_to_arrays(takes, n, values);
 
 	market_prepare(&lock_plan,

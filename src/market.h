@@ -117,6 +117,7 @@ extern void market_rebalance(int64 sku_id, int32 warehouse_id, int64 add,
 							 bool respread, int64 *on_hand_out, int64 *held_out);
 extern void market_return_units(const SlotTake *takes, int ntakes, bool sold,
 								pg_uuid_t *reservation);
+extern int	market_compare_takes(const void *a, const void *b);
 extern int	market_takes_to_arrays(SlotTake *takes, int ntakes, Datum *arrays);
 extern void takes_append(TakeList *list, int64 sku_id, int32 warehouse_id,
 						 int32 slot, int64 qty);
