@@ -172,6 +172,26 @@ slot_locktag(LOCKTAG *tag, int64 sku_id, int32 warehouse_id, int32 slot)
 }
 
 /*
+ * market_lock_slot_guards waits for the advisory lock of every slot of the
+ * pair, in slot order, and keeps them to the end of the transaction.  A
+ * change that may lower some slot's free count takes them before locking
+ * the rows, so that no fast-path session is queued on a row it lowers
+ * (such a session's UPDATE would fail its re-check and keep a stray row
+ * lock; see docs/architecture.md).
+ */
+void
+market_lock_slot_guards(int64 sku_id, int32 warehouse_id, int32 nslots)
+{
+	LOCKTAG		tag;
+
+	for (int32 slot = 0; slot < nslots; slot++)
+	{
+		slot_locktag(&tag, sku_id, warehouse_id, slot);
+		(void) LockAcquire(&tag, ExclusiveLock, false, false);
+	}
+}
+
+/*
  * take_from_slot takes qty free units from a slot whose advisory lock we
  * hold, if it still has them.  Returns false if it does not.
  */

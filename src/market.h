@@ -110,6 +110,7 @@ extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,
 								 int nargs, Oid *argtypes);
 extern void market_take_line(const ReserveLine *line, TakeList *takes);
 extern void market_lock_all_slots(int64 sku_id, int32 warehouse_id);
+extern void market_lock_slot_guards(int64 sku_id, int32 warehouse_id, int32 nslots);
 extern int	market_reclaim_expired(int64 sku_id, int32 warehouse_id);
 extern void market_takes_from_tuple(HeapTuple tup, TupleDesc desc, int first,
 									TakeList *takes);

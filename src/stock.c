@@ -217,6 +217,24 @@ change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute, int64 value,
 							   (long long) sku_id, warehouse_id, (long long) value)));
 		create_stock(sku_id, warehouse_id, new_slots > 0 ? new_slots : market_stock_slots);
 	}
+	else
+	{
+		/*
+		 * Lowering stock or resizing may lower a slot's free count: take the
+		 * slots' guards first.  Additions only ever raise slots and need
+		 * none, so bulk receiving keeps no lock-table entry per slot.
+		 */
+		bool		may_lower = (new_slots > 0 && new_slots != slots) ||
+			(!absolute && value < 0);
+
+		if (absolute && !may_lower)
+		{
+			pair_totals(sku_id, warehouse_id, &on_hand, &held);
+			may_lower = (value < on_hand);
+		}
+		if (may_lower)
+			market_lock_slot_guards(sku_id, warehouse_id, slots);
+	}
 
 	market_lock_all_slots(sku_id, warehouse_id);
 	market_reclaim_expired(sku_id, warehouse_id);
