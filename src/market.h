@@ -4,18 +4,23 @@
  *	  Declarations shared by the market extension's C files: SQLSTATEs,
  *	  GUC variables, the shared-memory state and the inventory core.
  *
- * Locking protocol (the whole extension keeps to it, so no deadlock can be
- * built out of our own calls):
+ * Locking protocol (the whole extension keeps to it; docs/architecture.md
+ * explains it and names the one narrow window it leaves):
  *
  *	1. A reservation touches (sku, warehouse) pairs in ascending sku order,
  *	   and for one SKU the warehouses in (priority, id) order.
- *	2. Within one (sku, warehouse) a session either claims one slot without
- *	   waiting (FOR UPDATE SKIP LOCKED), waits for exactly one slot, or takes
- *	   the "exact path": the transaction-level advisory lock of the pair
- *	   first, then every slot row FOR UPDATE in slot order.
+ *	2. Within one pair a session either try-locks slot advisory locks and
+ *	   takes from the first slot it gets, waits for exactly one slot's
+ *	   advisory lock, or takes the "exact path" in a subtransaction: the
+ *	   pair's advisory lock, then every slot row FOR UPDATE in slot order.
+ *	   The exact path changes only slots whose advisory lock it can take
+ *	   without waiting, and a failed exact path is rolled back so no rows of
+ *	   that pair stay locked.  Stock changes that may lower a slot first wait
+ *	   for every slot's advisory lock in slot order.
  *	3. Reservation rows are locked before slot rows by the functions that end
- *	   a reservation (commit, release, expire); reserve never waits for a
- *	   reservation row (it uses SKIP LOCKED on them).
+ *	   a reservation (commit, release, expire), which lock slots sorted by
+ *	   (sku, warehouse, slot); reserve never waits for a reservation row (it
+ *	   uses SKIP LOCKED on them) and never locks another pair's rows.
  *	4. The shared-memory state below is only read or written with atomics;
  *	   no LWLock is involved.
  *
