@@ -9,21 +9,25 @@
 
 EXTENSION  = market
 MODULE_big = market
-OBJS = \
-	src/market.o \
-	src/inventory.o \
-	src/reservation.o \
-	src/stock.o \
-	src/expiry.o \
-	src/worker.o
+OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 
-DATA = $(wildcard sql/market--*.sql)
+# Install and update scripts.  0.1 is a released script and never changes;
+# each later release is an update script concatenated, in file-name order,
+# from the parts in sql/<from>--<to>/.  CREATE EXTENSION runs the 0.1
+# script and then the updates, so fresh and upgraded databases are alike.
+UPDATE_SCRIPTS = sql/market--0.1--0.2.sql
+DATA = sql/market--0.1.sql
+DATA_built = $(UPDATE_SCRIPTS)
+EXTRA_CLEAN = $(UPDATE_SCRIPTS)
 
 PG_CPPFLAGS = -Isrc
 PG_CFLAGS = -Werror -Wmissing-prototypes -Wshadow=compatible-local
 
 # pg_regress suites: behaviour and bad input (sql/ + expected/)
-REGRESS = catalog stock reserve reservation_lifecycle expiry privileges verify
+# (listed in run order; a name without its sql/<name>.sql is left out)
+REGRESS_ORDER = catalog stock reserve reservation_lifecycle expiry privileges verify \
+	upgrade cart checkout orders outbox
+REGRESS = $(filter $(basename $(notdir $(wildcard sql/*.sql))),$(REGRESS_ORDER))
 REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
 
 # isolation specs (test/isolation/specs + test/isolation/expected)
@@ -37,6 +41,9 @@ REGRESS_PREP = tmp_check_dir
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+sql/market--0.1--0.2.sql: $(sort $(wildcard sql/0.1--0.2/*.sql))
+	cat $^ > $@
 
 .PHONY: test demo bench tmp_check_dir
 tmp_check_dir:

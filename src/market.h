@@ -48,6 +48,18 @@
 #define MK_BELOW_RESERVED			MAKE_SQLSTATE('M','K','0','2','4')
 #define MK_NEGATIVE_STOCK			MAKE_SQLSTATE('M','K','0','2','5')
 
+/* 0.2: orders, checkout, outbox (docs/sqlstates.md) */
+#define MK_ILLEGAL_TRANSITION		MAKE_SQLSTATE('M','K','0','0','3')
+#define MK_IDEMPOTENCY_MISMATCH		MAKE_SQLSTATE('M','K','0','0','4')
+#define MK_IDEMPOTENCY_IN_USE		MAKE_SQLSTATE('M','K','0','0','5')
+#define MK_UNKNOWN_CART				MAKE_SQLSTATE('M','K','0','1','5')
+#define MK_UNKNOWN_CHECKOUT			MAKE_SQLSTATE('M','K','0','1','6')
+#define MK_UNKNOWN_ORDER			MAKE_SQLSTATE('M','K','0','1','7')
+#define MK_CURRENCY_MISMATCH		MAKE_SQLSTATE('M','K','0','2','6')
+#define MK_EMPTY_CART				MAKE_SQLSTATE('M','K','0','2','7')
+#define MK_NOT_YOUR_CHECKOUT		MAKE_SQLSTATE('M','K','0','2','8')
+#define MK_CHECKOUT_NOT_OPEN		MAKE_SQLSTATE('M','K','0','2','9')
+
 /* limits that are not settings */
 #define MARKET_MAX_ON_HAND			INT64CONST(1000000000000)
 #define MARKET_MAX_SLOTS			1024

@@ -24,7 +24,7 @@ SELECT plan(192);
 -- extension, schema, roles
 -- ---------------------------------------------------------------------------
 SELECT has_extension('market');
-SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.1', 'market is at version 0.1');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.2', 'market is at version 0.2');
 SELECT is((SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 			WHERE e.extname = 'market'), 'market', 'the extension lives in schema market');
 SELECT has_schema('market');
@@ -41,7 +41,8 @@ SELECT is(pg_has_role('market_admin', 'market_app', 'MEMBER'), false, 'market_ad
 -- tables and views, with their columns
 -- ---------------------------------------------------------------------------
 SELECT tables_are('market', ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock',
-	'stock_slots', 'reservations', 'stock_ledger']);
+	'stock_slots', 'reservations', 'stock_ledger', 'carts', 'cart_items', 'order_groups',
+	'orders', 'order_lines', 'order_events', 'payments', 'outbox']);
 SELECT views_are('market', ARRAY['reservation_lines', 'stock_levels']);
 SELECT columns_are('market', 'sellers', ARRAY['id', 'name', 'created_at']);
 SELECT columns_are('market', 'products', ARRAY['id', 'seller_id', 'title', 'description', 'brand',

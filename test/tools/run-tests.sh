@@ -24,6 +24,7 @@
 #   SUITES="regress isolation pgtap tap"   the suites to run (default: all)
 #   SUITE_TIMEOUT=1200                     seconds allowed to each suite
 #   KEEP_SCRATCH=1                         keep the scratch directory
+#   MARKET_TEST_LOCK=/tmp/market-test.lock  lock held from install to the end
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -91,7 +92,16 @@ echo "PostgreSQL: $("$PG_CONFIG" --version) ($BINDIR)"
 
 # ---------------------------------------------------------------------------
 # 2. build and install
+#
+# The servers load the installed library, so two runs from different
+# working trees on one machine must not interleave: hold a lock from the
+# install to the end of the run.
 # ---------------------------------------------------------------------------
+exec 9>"${MARKET_TEST_LOCK:-/tmp/market-test.lock}"
+if ! flock -n 9; then
+	echo "waiting for another test run on this machine to finish"
+	flock 9
+fi
 say "build (make)"
 t=$(date +%s)
 if ! make -j"$(nproc)" PG_CONFIG="$PG_CONFIG" 2>&1 | tee /tmp/market-build.$$.log; then
