@@ -55,6 +55,7 @@ market_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(MarketShared)));
+	RequestAddinShmemSpace(market_batch_shmem_size());
 }
 
 /* market_shmem_startup creates or attaches the shared struct. */
@@ -78,6 +79,7 @@ market_shmem_startup(void)
 		pg_atomic_init_u64(&market_shared->purged_total, 0);
 		pg_atomic_init_u64(&market_shared->last_run, 0);
 	}
+	market_batch_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -130,6 +132,7 @@ define_gucs(void)
 							   NULL,
 							   &market_database, "postgres",
 							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	market_define_batch_gucs();
 	MarkGUCPrefixReserved("market");
 }
 
@@ -149,6 +152,8 @@ _PG_init(void)
 
 	if (market_expiry_worker_enabled)
 		market_register_worker();
+	if (market_batch_worker_enabled)
+		market_register_batch_worker();
 }
 
 /*

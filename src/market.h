@@ -49,6 +49,7 @@
 #define MK_NEGATIVE_STOCK			MAKE_SQLSTATE('M','K','0','2','5')
 
 /* 0.2: orders, checkout, outbox (docs/sqlstates.md) */
+#define MK_BATCH_INTERRUPTED		MAKE_SQLSTATE('M','K','0','0','6')
 #define MK_ILLEGAL_TRANSITION		MAKE_SQLSTATE('M','K','0','0','3')
 #define MK_IDEMPOTENCY_MISMATCH		MAKE_SQLSTATE('M','K','0','0','4')
 #define MK_IDEMPOTENCY_IN_USE		MAKE_SQLSTATE('M','K','0','0','5')
@@ -142,6 +143,21 @@ extern void takes_append(TakeList *list, int64 sku_id, int32 warehouse_id,
 extern bool market_sku_exists(int64 sku_id);
 extern bool market_warehouse_exists(int32 warehouse_id);
 extern int64 market_available_units(int64 sku_id, int32 warehouse_id);
+
+/* src/reservation.c */
+extern void market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
+								 text *owner, pg_uuid_t *id_out);
+
+/* src/batch.c: the batched reservation path and its worker */
+extern bool market_batch_reserve;
+extern bool market_batch_worker_enabled;
+extern int	market_batch_max;
+extern Size market_batch_shmem_size(void);
+extern void market_batch_shmem_init(void);
+extern void market_define_batch_gucs(void);
+extern void market_register_batch_worker(void);
+extern bool market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
+									 text *owner, pg_uuid_t *id_out);
 
 /* src/expiry.c */
 extern int	market_expire_batch(int max_reservations, bool skip_busy, int *skipped);

@@ -328,7 +328,7 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
  * reserves every line (all or nothing, raising on the first that cannot be
  * served) and records one reservation.  Caller is inside SPI.
  */
-static void
+void
 market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
 					 text *owner, pg_uuid_t *id_out)
 {
@@ -368,6 +368,9 @@ market_reserve(PG_FUNCTION_ARGS)
 							   (int) VARSIZE_ANY_EXHDR(owner), MARKET_MAX_OWNER_LEN)));
 	}
 	lines = parse_items(items, &nlines);
+
+	if (market_batch_try_reserve(lines, nlines, ttl_usecs, owner, id))
+		PG_RETURN_UUID_P(id);
 
 	SPI_connect();
 	market_reserve_lines(lines, nlines, ttl_usecs, owner, id);

@@ -5,6 +5,9 @@
 #   hot       market.reserve of 1 unit of one hot SKU (stock 1e9, never sells out)
 #   flash     the same on a second SKU prepared for a flash sale: 256 slots
 #             (stock_set(..., slots => 256)) instead of the default
+#   batch     the hot SKU again with market.batch_reserve = on: the batch
+#             worker applies the reservations, many per transaction
+#   zipfbatch the zipf scenario with market.batch_reserve = on
 #   baseline  the textbook hot row in plain SQL:
 #             UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1
 #   zipf      market.reserve over $BENCH_SKUS SKUs with Zipf popularity
@@ -25,7 +28,8 @@
 #   BENCH_SECONDS       seconds per point (20)
 #   BENCH_CLIENTS       client counts for hot, baseline, select1 ("16 64 256")
 #   BENCH_ZIPF_CLIENTS  client counts for zipf ("64 256")
-#   BENCH_SCENARIOS     which scenarios ("hot flash baseline zipf expiry insert1 select1")
+#   BENCH_SCENARIOS     which scenarios ("hot flash batch baseline zipf zipfbatch expiry
+#                       insert1 select1")
 #   BENCH_EXPIRY_CLIENTS  client count of the expiry scenario (64)
 #   BENCH_SKUS          SKUs for zipf (100000)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
@@ -49,7 +53,7 @@ repo=$(cd "$here/../.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_CLIENTS=${BENCH_CLIENTS:-"16 64 256"}
 BENCH_ZIPF_CLIENTS=${BENCH_ZIPF_CLIENTS:-"64 256"}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash baseline zipf expiry insert1 select1"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash batch baseline zipf zipfbatch expiry insert1 select1"}
 BENCH_EXPIRY_CLIENTS=${BENCH_EXPIRY_CLIENTS:-64}
 BENCH_SKUS=${BENCH_SKUS:-100000}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
@@ -262,7 +266,7 @@ run_point() {
 	mkdir -p "$dir"
 	local before=0
 	case $scenario in
-	hot | flash | zipf | expiry) clean_reservations ;;
+	hot | flash | zipf | expiry | batch | zipfbatch) clean_reservations ;;
 	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
 	esac
 	sql "CHECKPOINT"
@@ -270,8 +274,11 @@ run_point() {
 	local threads=$BENCH_THREADS
 	[ "$clients" -lt "$threads" ] && threads=$clients
 	echo "bench: $name: pgbench -c $clients -j $threads -T $BENCH_SECONDS"
-	local rc=0
-	"$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" \
+	local rc=0 options=""
+	case $scenario in
+	batch | zipfbatch) options="-c market.batch_reserve=on" ;;
+	esac
+	PGOPTIONS="$options" "$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" \
 		-c "$clients" -j "$threads" -T "$BENCH_SECONDS" \
 		-l --log-prefix="$dir/log" \
 		-D sku="$base" -D flash="$((base + 1))" -D base="$base" -D nskus="$BENCH_SKUS" \
@@ -291,7 +298,7 @@ run_point() {
 	fi
 
 	case $scenario in
-	hot | flash | zipf | expiry)
+	hot | flash | zipf | expiry | batch | zipfbatch)
 		successes=$(sql "SELECT count(*) FROM market.reservations")
 		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
 		;;
@@ -319,6 +326,8 @@ for scenario in $BENCH_SCENARIOS; do
 	case $scenario in
 	hot) for c in $BENCH_CLIENTS; do run_point hot "$c" hot.sql; done ;;
 	flash) for c in $BENCH_CLIENTS; do run_point flash "$c" flash.sql; done ;;
+	batch) for c in $BENCH_CLIENTS; do run_point batch "$c" hot.sql; done ;;
+	zipfbatch) for c in $BENCH_ZIPF_CLIENTS; do run_point zipfbatch "$c" zipf.sql; done ;;
 	insert1) for c in $BENCH_CLIENTS; do run_point insert1 "$c" insert1.sql; done ;;
 	expiry)
 		run_point expiry "$BENCH_EXPIRY_CLIENTS" expiry.sql

@@ -1,0 +1,783 @@
+/*-------------------------------------------------------------------------
+ *
+ * batch.c
+ *	  The batched reservation path for flash sales: a shared-memory request
+ *	  queue, the "market batch worker" that drains it, and the backend side
+ *	  of market.reserve() that hands a request over and waits for the answer.
+ *
+ * Why: with synchronous_commit = on every reservation made by its own
+ * session costs a transaction with an XID, a WAL flush and a commit, and
+ * hundreds of sessions doing that on one SKU spend the machine on commits
+ * and lock traffic.  With market.batch_reserve = on, market.reserve() called
+ * outside a transaction block puts its (already validated) lines in a slot
+ * of shared memory and sleeps on its latch.  The batch worker takes every
+ * queued request, applies them one after the other in ONE transaction
+ * (the reservation core of src/reservation.c, so the slot engine's rules
+ * and audit hold unchanged), commits once, and only then hands each
+ * backend its reservation id or its error.  The caller's own transaction
+ * writes nothing and commits without a WAL flush.
+ *
+ * Semantics: the reservation is committed by the worker, so it is durable
+ * when market.reserve() returns, exactly as with the direct path; what
+ * differs is that it does not roll back with the caller's transaction.
+ * That is why only calls outside a transaction block are batched (a
+ * single-statement call has nothing else to roll back with); inside
+ * BEGIN ... COMMIT the direct path runs.  An answer that cannot be given
+ * (the worker stopped while holding the request) raises MK006; the
+ * reservation then either never happened or expires by its TTL.
+ *
+ * Shared memory (one struct created in the shmem startup hook, see
+ * market.c) holds:
+ *	  - one BatchRequest per backend, indexed by PGPROC number.  Its state
+ *		word moves FREE -> QUEUED (backend) -> TAKEN (worker) -> DONE
+ *		(worker, after commit) -> FREE (backend), or QUEUED -> ABANDONED
+ *		(backend cancelled before the worker took it) -> FREE (worker).
+ *		Each transition is one atomic compare-and-swap or write by the
+ *		single party allowed to make it; the payload is written before
+ *		the state that publishes it, behind a memory barrier.
+ *	  - a ring of queued PGPROC numbers, protected by a spinlock held only
+ *		to push or pop (no other lock is ever taken while holding it).
+ *	  - counters, as atomics.
+ * The worker takes locks in the database exactly as a reserving session
+ * does (market.h); it never holds a row lock across a wait for a backend.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "market.h"
+
+PGDLLEXPORT void market_batch_worker_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(market_batch_status);
+
+#define BATCH_MAX_LINES			8
+#define BATCH_MSG_LEN			256
+#define BATCH_DETAIL_LEN		512
+#define NO_EXTENSION_RETRY_MS	1000
+#define IDLE_WAIT_MS			1000
+
+typedef enum BatchRequestState
+{
+	BR_FREE = 0,
+	BR_QUEUED,
+	BR_TAKEN,
+	BR_DONE,
+	BR_ABANDONED
+} BatchRequestState;
+
+/* one backend's request and, once DONE, its answer */
+typedef struct BatchRequest
+{
+	pg_atomic_uint32 state;
+	int32		nlines;
+	ReserveLine lines[BATCH_MAX_LINES];
+	int64		ttl_usecs;
+	int32		owner_len;		/* -1: no owner */
+	char		owner[MARKET_MAX_OWNER_LEN + 1];
+	/* answer */
+	pg_uuid_t	id;
+	int			sqlerrcode;		/* 0: reserved */
+	char		message[BATCH_MSG_LEN];
+	char		detail[BATCH_DETAIL_LEN];
+	char		hint[BATCH_MSG_LEN];
+} BatchRequest;
+
+typedef struct BatchShared
+{
+	slock_t		mutex;			/* protects head and count */
+	int			head;
+	int			count;
+	int			capacity;		/* MaxBackends: requests[] and ring[] */
+	pg_atomic_uint32 worker_pid;
+	pg_atomic_uint32 worker_procno;
+	pg_atomic_uint32 ready_db;	/* database served; 0 when not ready */
+	pg_atomic_uint64 batches;
+	pg_atomic_uint64 requests;
+	pg_atomic_uint64 fallbacks; /* batches replayed request by request */
+	pg_atomic_uint64 largest;
+	/* followed by int ring[capacity] and BatchRequest requests[capacity] */
+} BatchShared;
+
+bool		market_batch_reserve = false;
+bool		market_batch_worker_enabled = true;
+int			market_batch_max = 256;
+
+static BatchShared *batch = NULL;
+static int *batch_ring = NULL;
+static BatchRequest *batch_requests = NULL;
+
+/* layout helpers: the ring and the requests follow the header */
+static Size
+ring_offset(void)
+{
+	return MAXALIGN(sizeof(BatchShared));
+}
+
+static Size
+requests_offset(int capacity)
+{
+	return MAXALIGN(ring_offset() + sizeof(int) * capacity);
+}
+
+/* market_batch_shmem_size is what the queue needs for MaxBackends backends. */
+Size
+market_batch_shmem_size(void)
+{
+	return add_size(requests_offset(MaxBackends),
+					mul_size(sizeof(BatchRequest), MaxBackends));
+}
+
+/* market_batch_shmem_init creates or attaches the queue (AddinShmemInitLock held). */
+void
+market_batch_shmem_init(void)
+{
+	bool		found;
+	char	   *base;
+
+	base = ShmemInitStruct("market batch queue", market_batch_shmem_size(), &found);
+	batch = (BatchShared *) base;
+	batch_ring = (int *) (base + ring_offset());
+	batch_requests = (BatchRequest *) (base + requests_offset(MaxBackends));
+	if (found)
+		return;
+
+	SpinLockInit(&batch->mutex);
+	batch->head = 0;
+	batch->count = 0;
+	batch->capacity = MaxBackends;
+	pg_atomic_init_u32(&batch->worker_pid, 0);
+	pg_atomic_init_u32(&batch->worker_procno, 0);
+	pg_atomic_init_u32(&batch->ready_db, InvalidOid);
+	pg_atomic_init_u64(&batch->batches, 0);
+	pg_atomic_init_u64(&batch->requests, 0);
+	pg_atomic_init_u64(&batch->fallbacks, 0);
+	pg_atomic_init_u64(&batch->largest, 0);
+	for (int i = 0; i < MaxBackends; i++)
+		pg_atomic_init_u32(&batch_requests[i].state, BR_FREE);
+}
+
+/* market_define_batch_gucs declares the batch path's settings. */
+void
+market_define_batch_gucs(void)
+{
+	DefineCustomBoolVariable("market.batch_reserve",
+							 "Hands market.reserve() calls made outside a transaction block to the batch worker.",
+							 "The worker applies many reservations in one transaction; see docs/architecture.md.",
+							 &market_batch_reserve, false,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("market.batch_worker",
+							 "Starts the batch reservation worker.",
+							 "Only effective when market is in shared_preload_libraries.",
+							 &market_batch_worker_enabled, true,
+							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.batch_max",
+							"Most reservations the batch worker applies in one transaction.",
+							NULL,
+							&market_batch_max, 256, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+}
+
+/* market_register_batch_worker registers the static batch worker. */
+void
+market_register_batch_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "market");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "market_batch_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "market batch worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "market batch worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* ---------------------------------------------------------------------------
+ * Backend side
+ * ---------------------------------------------------------------------------
+ */
+
+/* wake_batch_worker sets the worker's latch. */
+static void
+wake_batch_worker(void)
+{
+	if (pg_atomic_read_u32(&batch->worker_pid) != 0)
+		SetLatch(&ProcGlobal->allProcs[pg_atomic_read_u32(&batch->worker_procno)].procLatch);
+}
+
+/*
+ * abandon_request is run when the waiting backend errors out (cancel,
+ * statement timeout, termination).  A request the worker has not taken is
+ * withdrawn; one it is applying is waited for, so that the answer slot is
+ * not reused while the worker still writes it.
+ */
+static void
+abandon_request(BatchRequest *req)
+{
+	uint32		expected = BR_QUEUED;
+
+	if (pg_atomic_compare_exchange_u32(&req->state, &expected, BR_ABANDONED))
+		return;
+	while (pg_atomic_read_u32(&req->state) == BR_TAKEN &&
+		   pg_atomic_read_u32(&batch->worker_pid) != 0)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 10, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	if (pg_atomic_read_u32(&req->state) == BR_DONE)
+		pg_atomic_write_u32(&req->state, BR_FREE);
+}
+
+/*
+ * market_batch_try_reserve hands a validated reservation to the batch
+ * worker and waits for it.  Returns false, having done nothing, when the
+ * batch path does not apply (setting off, inside a transaction block, no
+ * worker for this database, too many lines); then the caller reserves
+ * directly.  Raises the worker's error if the reservation failed.
+ */
+bool
+market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
+						 text *owner, pg_uuid_t *id_out)
+{
+	BatchRequest *req;
+	int			procno;
+	uint32		state;
+
+	if (!market_batch_reserve || batch == NULL || nlines > BATCH_MAX_LINES ||
+		IsTransactionBlock() ||
+		pg_atomic_read_u32(&batch->ready_db) != MyDatabaseId)
+		return false;
+	procno = MyProc->pgprocno;
+	if (procno < 0 || procno >= batch->capacity)
+		return false;
+	req = &batch_requests[procno];
+
+	state = pg_atomic_read_u32(&req->state);
+	if (state == BR_DONE)		/* the answer to an abandoned request */
+	{
+		pg_atomic_write_u32(&req->state, BR_FREE);
+		state = BR_FREE;
+	}
+	if (state != BR_FREE)		/* an abandoned request still queued */
+		return false;
+
+	req->nlines = nlines;
+	memcpy(req->lines, lines, sizeof(ReserveLine) * nlines);
+	req->ttl_usecs = ttl_usecs;
+	req->owner_len = -1;
+	if (owner)
+	{
+		req->owner_len = VARSIZE_ANY_EXHDR(owner);
+		memcpy(req->owner, VARDATA_ANY(owner), req->owner_len);
+	}
+	req->sqlerrcode = 0;
+	pg_write_barrier();
+	pg_atomic_write_u32(&req->state, BR_QUEUED);
+
+	SpinLockAcquire(&batch->mutex);
+	batch_ring[(batch->head + batch->count) % batch->capacity] = procno;
+	batch->count++;
+	SpinLockRelease(&batch->mutex);
+	wake_batch_worker();
+
+	PG_TRY();
+	{
+		for (;;)
+		{
+			state = pg_atomic_read_u32(&req->state);
+			if (state == BR_DONE)
+				break;
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 IDLE_WAIT_MS, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		abandon_request(req);
+		RESUME_INTERRUPTS();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	pg_read_barrier();
+	if (req->sqlerrcode != 0)
+	{
+		int			code = req->sqlerrcode;
+		char	   *message = pstrdup(req->message);
+		char	   *detail = req->detail[0] ? pstrdup(req->detail) : NULL;
+		char	   *hint = req->hint[0] ? pstrdup(req->hint) : NULL;
+
+		pg_atomic_write_u32(&req->state, BR_FREE);
+		ereport(ERROR,
+				(errcode(code),
+				 errmsg_internal("%s", message),
+				 detail ? errdetail_internal("%s", detail) : 0,
+				 hint ? errhint("%s", hint) : 0));
+	}
+	*id_out = req->id;
+	pg_atomic_write_u32(&req->state, BR_FREE);
+	return true;
+}
+
+/* ---------------------------------------------------------------------------
+ * Worker side
+ * ---------------------------------------------------------------------------
+ */
+
+/* what the worker decided for one request, published after the commit */
+typedef struct BatchAnswer
+{
+	int			procno;
+	pg_uuid_t	id;
+	int			sqlerrcode;
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+} BatchAnswer;
+
+/* publish_answer copies an answer into the backend's slot and wakes it. */
+static void
+publish_answer(BatchAnswer *ans)
+{
+	BatchRequest *req = &batch_requests[ans->procno];
+
+	req->id = ans->id;
+	req->sqlerrcode = ans->sqlerrcode;
+	strlcpy(req->message, ans->message ? ans->message : "", BATCH_MSG_LEN);
+	strlcpy(req->detail, ans->detail ? ans->detail : "", BATCH_DETAIL_LEN);
+	strlcpy(req->hint, ans->hint ? ans->hint : "", BATCH_MSG_LEN);
+	pg_write_barrier();
+	pg_atomic_write_u32(&req->state, BR_DONE);
+	SetLatch(&ProcGlobal->allProcs[ans->procno].procLatch);
+}
+
+/* answer_error fills an answer from a caught error. */
+static void
+answer_error(BatchAnswer *ans, ErrorData *edata)
+{
+	ans->sqlerrcode = edata->sqlerrcode;
+	ans->message = edata->message;
+	ans->detail = edata->detail;
+	ans->hint = edata->hint;
+}
+
+/* request_owner rebuilds the owner text of a request (NULL: none). */
+static text *
+request_owner(BatchRequest *req)
+{
+	if (req->owner_len < 0)
+		return NULL;
+	return cstring_to_text_with_len(req->owner, req->owner_len);
+}
+
+/* what the batch believes a (sku, warehouse or 0) can still serve */
+typedef struct PairEstimate
+{
+	int64		sku_id;
+	int32		warehouse_id;
+	int64		available;
+} PairEstimate;
+
+/*
+ * estimate_for returns the batch's estimate for a line's pair, counting it
+ * (market_available_units: free units plus what expired reservations hold)
+ * the first time the batch meets the pair, or again when refresh is set.
+ */
+static PairEstimate *
+estimate_for(HTAB *estimates, ReserveLine *line, bool refresh)
+{
+	PairEstimate key;
+	PairEstimate *e;
+	bool		found;
+
+	memset(&key, 0, sizeof(key));
+	key.sku_id = line->sku_id;
+	key.warehouse_id = line->warehouse_id;
+	e = hash_search(estimates, &key, HASH_ENTER, &found);
+	if (!found || refresh)
+		e->available = market_available_units(line->sku_id, line->warehouse_id);
+	return e;
+}
+
+/*
+ * short_line returns the index of the first line that cannot be served,
+ * or -1.  It lets the batch answer "sold out" without raising, which would
+ * abort the whole batch.  The estimates are counted once per pair and
+ * batch, lowered by what the batch reserves, and counted again before a
+ * line is refused.  An estimate that is too high (another session took
+ * units meanwhile) only means the slot engine raises MK001 itself and the
+ * batch is replayed request by request.
+ */
+static int
+short_line(HTAB *estimates, BatchRequest *req, int64 *available)
+{
+	for (int i = 0; i < req->nlines; i++)
+	{
+		PairEstimate *e = estimate_for(estimates, &req->lines[i], false);
+
+		if (e->available < req->lines[i].qty)
+			e = estimate_for(estimates, &req->lines[i], true);
+		if (e->available < req->lines[i].qty)
+		{
+			*available = e->available;
+			return i;
+		}
+	}
+	return -1;
+}
+
+/* note_reserved lowers the estimates by what a request reserved. */
+static void
+note_reserved(HTAB *estimates, BatchRequest *req)
+{
+	for (int i = 0; i < req->nlines; i++)
+		estimate_for(estimates, &req->lines[i], false)->available -= req->lines[i].qty;
+}
+
+/* answer_short fills the MK001 answer the direct path would have raised. */
+static void
+answer_short(BatchAnswer *ans, ReserveLine *line, int64 available, MemoryContext cxt)
+{
+	ans->sqlerrcode = MK_INSUFFICIENT_STOCK;
+	ans->message = "insufficient stock";
+	ans->detail = MemoryContextStrdup(cxt,
+									  psprintf("SKU %lld: %lld requested, %lld available%s.",
+											   (long long) line->sku_id, (long long) line->qty,
+											   (long long) available,
+											   line->warehouse_id != 0 ?
+											   " in the requested warehouse" : ""));
+	ans->hint = NULL;
+}
+
+/*
+ * apply_batch applies every request in one transaction.  Returns false if
+ * anything raised; the transaction is then rolled back and nothing of it
+ * was published.
+ */
+static bool
+apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
+{
+	volatile bool ok = true;
+	HASHCTL		ctl;
+	HTAB	   *estimates;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = offsetof(PairEstimate, available);
+	ctl.entrysize = sizeof(PairEstimate);
+	ctl.hcxt = cxt;
+	estimates = hash_create("market batch estimates", 64, &ctl,
+							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "market: applying a reservation batch");
+
+		for (int i = 0; i < n; i++)
+		{
+			BatchRequest *req = &batch_requests[answers[i].procno];
+			int64		available = 0;
+			int			shortl = short_line(estimates, req, &available);
+
+			if (shortl >= 0)
+				answer_short(&answers[i], &req->lines[shortl], available, cxt);
+			else
+			{
+				market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
+									 request_owner(req), &answers[i].id);
+				note_reserved(estimates, req);
+			}
+		}
+
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		RESUME_INTERRUPTS();
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/*
+ * apply_one applies a single request in its own transaction, catching its
+ * error for the answer.  Used to replay a batch that failed as a whole.
+ */
+static void
+apply_one(BatchAnswer *ans, MemoryContext cxt)
+{
+	BatchRequest *req = &batch_requests[ans->procno];
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
+							 request_owner(req), &ans->id);
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		RESUME_INTERRUPTS();
+		answer_error(ans, edata);
+	}
+	PG_END_TRY();
+}
+
+/* take_queued pops up to max queued backends off the ring. */
+static int
+take_queued(int *procnos, int max)
+{
+	int			n;
+
+	SpinLockAcquire(&batch->mutex);
+	n = Min(batch->count, max);
+	for (int i = 0; i < n; i++)
+		procnos[i] = batch_ring[(batch->head + i) % batch->capacity];
+	batch->head = (batch->head + n) % batch->capacity;
+	batch->count -= n;
+	SpinLockRelease(&batch->mutex);
+	return n;
+}
+
+/* run_batch takes what is queued, applies it and answers every backend. */
+static int
+run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
+{
+	int			queued = take_queued(procnos, market_batch_max);
+	int			n = 0;
+
+	for (int i = 0; i < queued; i++)
+	{
+		BatchRequest *req = &batch_requests[procnos[i]];
+		uint32		expected = BR_QUEUED;
+
+		if (pg_atomic_compare_exchange_u32(&req->state, &expected, BR_TAKEN))
+		{
+			memset(&answers[n], 0, sizeof(BatchAnswer));
+			answers[n++].procno = procnos[i];
+		}
+		else if (expected == BR_ABANDONED)
+			pg_atomic_write_u32(&req->state, BR_FREE);
+	}
+	if (n == 0)
+		return queued;
+
+	if (!apply_batch(answers, n, cxt))
+	{
+		pg_atomic_fetch_add_u64(&batch->fallbacks, 1);
+		for (int i = 0; i < n; i++)
+		{
+			memset(&answers[i].id, 0, sizeof(pg_uuid_t));
+			answers[i].sqlerrcode = 0;
+			apply_one(&answers[i], cxt);
+		}
+	}
+	for (int i = 0; i < n; i++)
+		publish_answer(&answers[i]);
+
+	pg_atomic_fetch_add_u64(&batch->batches, 1);
+	pg_atomic_fetch_add_u64(&batch->requests, n);
+	if ((uint64) n > pg_atomic_read_u64(&batch->largest))
+		pg_atomic_write_u64(&batch->largest, n);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return queued;
+}
+
+/*
+ * answer_orphans tells backends whose request a previous worker took but
+ * never answered that the outcome is unknown (MK006).
+ */
+static void
+answer_orphans(void)
+{
+	for (int i = 0; i < batch->capacity; i++)
+	{
+		if (pg_atomic_read_u32(&batch_requests[i].state) == BR_TAKEN)
+		{
+			BatchAnswer ans = {0};
+
+			ans.procno = i;
+			ans.sqlerrcode = MK_BATCH_INTERRUPTED;
+			ans.message = "batched reservation interrupted";
+			ans.detail = "The batch worker stopped while applying this reservation.";
+			ans.hint = "The reservation was not made or expires by its ttl; retry.";
+			publish_answer(&ans);
+		}
+	}
+}
+
+/* extension_installed checks, in a transaction, that market is installed here. */
+static bool
+extension_installed(void)
+{
+	bool		installed;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	installed = OidIsValid(get_extension_oid("market", true));
+	CommitTransactionCommand();
+	return installed;
+}
+
+/* batch_worker_detach withdraws the worker from shared memory on exit. */
+static void
+batch_worker_detach(int code, Datum arg)
+{
+	pg_atomic_write_u32(&batch->ready_db, InvalidOid);
+	pg_atomic_write_u32(&batch->worker_pid, 0);
+}
+
+/* market_batch_worker_main is the batch worker's entry point and loop. */
+void
+market_batch_worker_main(Datum main_arg)
+{
+	MemoryContext cxt;
+	int		   *procnos;
+	BatchAnswer *answers;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(market_database, NULL, 0);
+	pgstat_report_appname("market batch worker");
+
+	pg_atomic_write_u32(&batch->worker_procno, MyProc->pgprocno);
+	pg_atomic_write_u32(&batch->worker_pid, (uint32) MyProcPid);
+	before_shmem_exit(batch_worker_detach, (Datum) 0);
+	answer_orphans();
+
+	ereport(LOG,
+			(errmsg("market batch worker started in database \"%s\"", market_database)));
+
+	procnos = MemoryContextAlloc(TopMemoryContext, sizeof(int) * batch->capacity);
+	answers = MemoryContextAlloc(TopMemoryContext, sizeof(BatchAnswer) * batch->capacity);
+	cxt = AllocSetContextCreate(TopMemoryContext, "market batch worker loop",
+								ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		MemoryContext old;
+		int			taken;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (pg_atomic_read_u32(&batch->ready_db) != MyDatabaseId)
+		{
+			if (!extension_installed())
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 NO_EXTENSION_RETRY_MS, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				continue;
+			}
+			pg_atomic_write_u32(&batch->ready_db, MyDatabaseId);
+		}
+
+		old = MemoryContextSwitchTo(cxt);
+		taken = run_batch(procnos, answers, cxt);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(cxt);
+		if (taken > 0)
+			continue;
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 IDLE_WAIT_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+/* market.batch_status() reports on the batch worker and its queue. */
+Datum
+market_batch_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[7];
+	bool		nulls[7] = {0};
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "market: batch_status must return a record");
+	desc = BlessTupleDesc(desc);
+
+	if (batch == NULL)
+	{
+		values[0] = BoolGetDatum(false);
+		for (int i = 1; i < 7; i++)
+			nulls[i] = true;
+	}
+	else
+	{
+		uint32		pid = pg_atomic_read_u32(&batch->worker_pid);
+		int			queued;
+
+		SpinLockAcquire(&batch->mutex);
+		queued = batch->count;
+		SpinLockRelease(&batch->mutex);
+		values[0] = BoolGetDatum(pid != 0 &&
+								 pg_atomic_read_u32(&batch->ready_db) == MyDatabaseId);
+		values[1] = Int32GetDatum((int32) pid);
+		nulls[1] = (pid == 0);
+		values[2] = Int32GetDatum(queued);
+		values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->batches));
+		values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->requests));
+		values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->fallbacks));
+		values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->largest));
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
