@@ -26,6 +26,10 @@ SELECT market.reservation_commit(:'r2') AS units_sold;
 SELECT market.available(:a) AS avail;
 -- errors still carry their own SQLSTATE for the app
 SELECT market.reserve(format('[{"sku_id": %s, "qty": 100}]', :a)::jsonb);   -- MK001
+-- the order API is the app's too: an unknown order is MK017, not 42501
+SELECT market.order_transition(-1, 'cancelled');                            -- MK017
+SELECT market.order_view(-1);                                               -- MK017
+SELECT count(*) AS edges FROM market.order_transitions();
 -- no admin function
 SELECT market.seller_create('App Seller');                                  -- 42501
 SELECT market.product_create(:seller, 'App product');                       -- 42501
@@ -51,6 +55,8 @@ UPDATE market.reservations SET expires_at = now() + interval '1 year';      -- 4
 DELETE FROM market.reservations;                                            -- 42501
 INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (:a, :w1, 1000, 'adjust'); -- 42501
 TRUNCATE market.stock_slots;                                                -- 42501
+UPDATE market.orders SET status = 'cancelled';                              -- 42501
+SELECT count(*) FROM market.order_events;                                   -- 42501
 RESET ROLE;
 SELECT current_user = session_user AS back_to_superuser;
 -- the app's calls are recorded as the session user in the ledger
@@ -122,6 +128,9 @@ SELECT market.stock_set(:a, :w1, 1);                                        -- 4
 SELECT market.expire_reservations();                                        -- 42501
 SELECT market.verify_inventory();                                           -- 42501
 SELECT market.worker_status();                                              -- 42501
+SELECT market.order_transition(1, 'cancelled');                             -- 42501
+SELECT market.order_view(1);                                                -- 42501
+SELECT market.order_transitions();                                          -- 42501
 SELECT count(*) FROM market.skus;                                           -- 42501
 SELECT count(*) FROM market.stock_levels;                                   -- 42501
 SELECT count(*) FROM market.reservation_lines;                              -- 42501

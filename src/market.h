@@ -23,6 +23,12 @@
  *	   uses SKIP LOCKED on them) and never locks another pair's rows.
  *	4. The shared-memory state below is only read or written with atomics;
  *	   no LWLock is involved.
+ *	5. An order transition that puts units back (cancel, payment failure,
+ *	   return; src/orders.c) holds the order row (its UPDATE) and then
+ *	   takes each pair of the order's lines in ascending (sku, warehouse)
+ *	   order the way stock_adjust does (pair lock, then every slot row).
+ *	   No function of the extension waits for an order row while it holds
+ *	   slot rows.
  *
  *-------------------------------------------------------------------------
  */
@@ -158,6 +164,11 @@ extern void market_define_batch_gucs(void);
 extern void market_register_batch_worker(void);
 extern bool market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
 									 text *owner, pg_uuid_t *id_out);
+
+/* src/stock.c */
+extern int64 market_change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute,
+								   int64 value, int32 new_slots, const char *kind,
+								   text *reason);
 
 /* src/expiry.c */
 extern int	market_expire_batch(int max_reservations, bool skip_busy, int *skipped);

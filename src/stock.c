@@ -193,13 +193,15 @@ append_ledger(int64 sku_id, int32 warehouse_id, int64 delta, const char *kind, t
 }
 
 /*
- * change_on_hand is the common core: with the pair locked, move on-hand to
- * new_on_hand (computed by the caller from the current on-hand), optionally
- * resizing the slots, and record the change.  Returns the new on-hand.
+ * market_change_on_hand is the common core: with the pair locked, move
+ * on-hand to new_on_hand (computed by the caller from the current on-hand),
+ * optionally resizing the slots, and record the change.  Returns the new
+ * on-hand.  Also used by src/orders.c to put the units of a cancelled or
+ * returned order back (kinds 'cancel' and 'return').
  */
-static int64
-change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute, int64 value,
-			   int32 new_slots, const char *kind, text *reason)
+int64
+market_change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute, int64 value,
+					  int32 new_slots, const char *kind, text *reason)
 {
 	int32		slots = stock_slot_count(sku_id, warehouse_id);
 	int64		on_hand;
@@ -312,7 +314,7 @@ market_stock_set(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	check_pair_exists(sku_id, warehouse_id);
-	result = change_on_hand(sku_id, warehouse_id, true, on_hand, slots, "set", NULL);
+	result = market_change_on_hand(sku_id, warehouse_id, true, on_hand, slots, "set", NULL);
 	SPI_finish();
 	PG_RETURN_INT64(result);
 }
@@ -353,7 +355,7 @@ market_stock_adjust(PG_FUNCTION_ARGS)
 
 	SPI_connect();
 	check_pair_exists(sku_id, warehouse_id);
-	result = change_on_hand(sku_id, warehouse_id, false, delta, 0, "adjust", reason);
+	result = market_change_on_hand(sku_id, warehouse_id, false, delta, 0, "adjust", reason);
 	SPI_finish();
 	PG_RETURN_INT64(result);
 }

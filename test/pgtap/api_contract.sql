@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(192);
+SELECT plan(214);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -77,13 +77,18 @@ SELECT col_is_unique('market', 'warehouses', 'code'::name, 'warehouse codes are 
 -- the ledger is append-only
 SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_append_only', 'market', 'ledger_append_only');
 SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_no_truncate', 'market', 'ledger_append_only');
+-- the order state machine is enforced on the table
+SELECT trigger_is('market', 'orders', 'orders_guard', 'market', 'order_guard');
+SELECT trigger_is('market', 'orders', 'orders_created', 'market', 'order_effects');
+SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effects');
 
 -- ---------------------------------------------------------------------------
 -- functions: exactly these, with the documented signatures
 -- ---------------------------------------------------------------------------
 SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_create', 'warehouse_create',
 	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
-	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only']);
+	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
+	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects']);
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -99,6 +104,9 @@ SELECT has_function('market', 'reservation_commit', ARRAY['uuid']);
 SELECT has_function('market', 'expire_reservations', ARRAY['integer']);
 SELECT has_function('market', 'worker_status', '{}'::name[]);
 SELECT has_function('market', 'verify_inventory', '{}'::name[]);
+SELECT has_function('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
+SELECT has_function('market', 'order_transitions', '{}'::name[]);
+SELECT has_function('market', 'order_view', ARRAY['bigint']);
 
 SELECT function_returns('market', 'seller_create', ARRAY['text'], 'bigint');
 SELECT function_returns('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb'], 'bigint');
@@ -114,6 +122,9 @@ SELECT function_returns('market', 'reservation_commit', ARRAY['uuid'], 'bigint')
 SELECT function_returns('market', 'expire_reservations', ARRAY['integer'], 'integer');
 SELECT function_returns('market', 'worker_status', '{}'::name[], 'record');
 SELECT function_returns('market', 'verify_inventory', '{}'::name[], 'setof record');
+SELECT function_returns('market', 'order_transition', ARRAY['bigint', 'text', 'text'], 'text');
+SELECT function_returns('market', 'order_transitions', '{}'::name[], 'setof record');
+SELECT function_returns('market', 'order_view', ARRAY['bigint'], 'jsonb');
 
 -- argument names and defaults, so that named notation works as documented
 SELECT is(pg_get_function_arguments('market.seller_create(text)'::regprocedure),
@@ -148,6 +159,12 @@ SELECT is(pg_get_function_arguments('market.worker_status()'::regprocedure),
 	'worker_status result columns');
 SELECT is(pg_get_function_result('market.verify_inventory()'::regprocedure),
 	'TABLE(invariant text, sku_id bigint, warehouse_id integer, detail text)', 'verify_inventory result columns');
+SELECT is(pg_get_function_arguments('market.order_transition(bigint, text, text)'::regprocedure),
+	'order_id bigint, to_state text, note text DEFAULT NULL::text', 'order_transition arguments');
+SELECT is(pg_get_function_arguments('market.order_view(bigint)'::regprocedure),
+	'order_id bigint', 'order_view arguments');
+SELECT is(pg_get_function_result('market.order_transitions()'::regprocedure),
+	'TABLE(from_status text, to_status text)', 'order_transitions result columns');
 
 -- every documented function is SECURITY DEFINER, not STRICT, and pins
 -- search_path = pg_catalog, pg_temp
@@ -166,6 +183,12 @@ SELECT is_definer('market', 'expire_reservations', ARRAY['integer']);
 SELECT is_definer('market', 'worker_status', '{}'::name[]);
 SELECT is_definer('market', 'verify_inventory', '{}'::name[]);
 SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
+SELECT is_definer('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
+SELECT is_definer('market', 'order_transitions', '{}'::name[]);
+SELECT is_definer('market', 'order_view', ARRAY['bigint']);
+-- the order triggers write history, outbox and stock whoever fires them
+SELECT is_definer('market', 'order_guard', '{}'::name[]);
+SELECT is_definer('market', 'order_effects', '{}'::name[]);
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
 		  NULL, 'no market function is STRICT');
@@ -178,7 +201,8 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 		  NULL, 'no market function claims to be IMMUTABLE');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 's'),
-		  ARRAY['available', 'verify_inventory'], 'only the read-only functions are STABLE');
+		  ARRAY['available', 'order_transitions', 'order_view', 'verify_inventory'],
+		  'only the read-only functions are STABLE');
 SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
 			WHERE p.pronamespace = 'market'::regnamespace AND NOT r.rolsuper),
 		  0, 'every market function is owned by the (superuser) extension owner');
@@ -346,6 +370,20 @@ SELECT throws_ok(format('SELECT market.stock_adjust(%s, %s, -1, ''phantom'')', :
 SELECT throws_ok('UPDATE market.stock_ledger SET delta = delta', 'MK030', NULL, 'UPDATE on the ledger raises MK030');
 SELECT throws_ok('DELETE FROM market.stock_ledger', 'MK030', NULL, 'DELETE on the ledger raises MK030');
 SELECT throws_ok('TRUNCATE market.stock_ledger', 'MK030', NULL, 'TRUNCATE on the ledger raises MK030');
+
+-- MK003 illegal order transition, MK017 unknown order (and MK020 for NULLs)
+INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)
+VALUES (gen_random_uuid(), 'tap-customer', 'EUR', 0) RETURNING id AS tap_group \gset
+INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)
+VALUES (:tap_group, :seller, 'tap-customer', 'EUR', 0) RETURNING id AS tap_order \gset
+SELECT throws_ok(format('SELECT market.order_transition(%s, ''shipped'')', :tap_order),
+	'MK003', NULL, 'order_transition: created -> shipped raises MK003');
+SELECT throws_ok('SELECT market.order_transition(-1, ''confirmed'')',
+	'MK017', NULL, 'order_transition: unknown order raises MK017');
+SELECT throws_ok('SELECT market.order_view(-1)', 'MK017', NULL, 'order_view: unknown order raises MK017');
+SELECT throws_ok('SELECT market.order_transition(NULL, ''confirmed'')',
+	'MK020', NULL, 'order_transition: NULL order_id raises MK020');
+SELECT throws_ok('SELECT market.order_view(NULL)', 'MK020', NULL, 'order_view: NULL order_id raises MK020');
 
 -- none of the failures above changed anything
 SELECT is(market.available(:sku), 3::bigint, 'available is unchanged by the failed calls');

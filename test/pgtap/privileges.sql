@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(143);
+SELECT plan(172);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -77,7 +77,12 @@ INSERT INTO fn VALUES
 	('expire_reservations', ARRAY['integer'], false, true),
 	('worker_status', '{}', false, true),
 	('verify_inventory', '{}', false, true),
-	('ledger_append_only', '{}', false, false);
+	('ledger_append_only', '{}', false, false),
+	('order_transition', ARRAY['bigint', 'text', 'text'], true, true),
+	('order_transitions', '{}', true, true),
+	('order_view', ARRAY['bigint'], true, true),
+	('order_guard', '{}', false, false),
+	('order_effects', '{}', false, false);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');
 SELECT function_privs_are('market', name, args, 'market_app',
@@ -109,6 +114,11 @@ SELECT market.product_create(:seller, 'TAP product') AS product \gset
 SELECT market.sku_create(:product, 'TAP-PRIV', 1000, 'EUR') AS sku \gset
 SELECT market.warehouse_create('tap-priv', 'TAP W') AS wh \gset
 SELECT market.stock_set(:sku, :wh, 10) AS on_hand \gset
+-- an order, written as checkout writes it (as the owner)
+INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)
+VALUES (gen_random_uuid(), 'tap-priv', 'EUR', 0) RETURNING id AS grp \gset
+INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)
+VALUES (:grp, :seller, 'tap-priv', 'EUR', 0) RETURNING id AS ord \gset
 
 -- market_app
 SET ROLE market_app;
@@ -131,6 +141,11 @@ SELECT throws_ok('SELECT * FROM market.reservation_lines', '42501', NULL, 'marke
 SELECT throws_ok('INSERT INTO market.sellers (name) VALUES (''x'')', '42501', NULL, 'market_app: INSERT is denied');
 SELECT throws_ok('UPDATE market.stock_slots SET free = on_hand', '42501', NULL, 'market_app: UPDATE is denied');
 SELECT throws_ok('DELETE FROM market.reservations', '42501', NULL, 'market_app: DELETE is denied');
+SELECT is(market.order_transition(:ord, 'confirmed'), 'confirmed', 'market_app: order_transition');
+SELECT is(market.order_view(:ord)->>'status', 'confirmed', 'market_app: order_view');
+SELECT throws_ok(format('UPDATE market.orders SET status = ''shipped'' WHERE id = %s', :ord), '42501', NULL,
+	'market_app: UPDATE of an order is denied');
+SELECT throws_ok('SELECT * FROM market.order_events', '42501', NULL, 'market_app: reading order_events is denied');
 RESET ROLE;
 
 -- market_admin
@@ -153,6 +168,10 @@ SELECT throws_ok(format('DELETE FROM market.reservations WHERE id = %L', :'r3'),
 SELECT throws_ok('TRUNCATE market.stock', '42501', NULL, 'market_admin: TRUNCATE is denied');
 SELECT throws_ok(format('INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (%s, %s, 1, ''adjust'')', :sku, :wh),
 	'42501', NULL, 'market_admin: writing the ledger directly is denied');
+SELECT is(market.order_transition(:ord, 'shipped'), 'shipped', 'market_admin: order_transition');
+SELECT is((SELECT count(*)::int FROM market.order_events WHERE order_id = :ord), 3, 'market_admin: reads order_events');
+SELECT throws_ok(format('UPDATE market.orders SET status = ''delivered'' WHERE id = %s', :ord), '42501', NULL,
+	'market_admin: UPDATE of an order is denied');
 RESET ROLE;
 
 -- a role without grants (PUBLIC only)
@@ -167,6 +186,9 @@ SELECT throws_ok(format('SELECT market.available(%s)', :sku), '42501', NULL, 'no
 SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'')', :sku), '42501', NULL, 'no grants but USAGE: reserve is denied');
 SELECT throws_ok(format('SELECT market.reservation_release(%L)', :'r3'), '42501', NULL, 'no grants but USAGE: reservation_release is denied');
 SELECT throws_ok('SELECT * FROM market.stock_levels', '42501', NULL, 'no grants but USAGE: reading stock_levels is denied');
+SELECT throws_ok(format('SELECT market.order_transition(%s, ''delivered'')', :ord), '42501', NULL,
+	'no grants but USAGE: order_transition is denied');
+SELECT throws_ok(format('SELECT market.order_view(%s)', :ord), '42501', NULL, 'no grants but USAGE: order_view is denied');
 RESET ROLE;
 
 SELECT is(market.available(:sku), 20::bigint, 'nothing the roles tried changed the stock');
