@@ -966,7 +966,7 @@ stripe_pi_json(buf_t *b, const payment *p)
 		buf_adds(b, "null");
 	buf_adds(b, ",\"latest_charge\":");
 	buf_json_cstr(b, p->charge_id[0] ? p->charge_id : NULL);
-	buf_printf(b, ",\"livemode\":false,\"metadata\":%s,\"object\":\"payment_intent\",\"payment_method\":",
+	buf_printf(b, ",\"livemode\":false,\"metadata\":%s,\"payment_method\":",
 			   p->metadata);
 	buf_json_cstr(b, p->method[0] ? p->method : NULL);
 	buf_adds(b, ",\"payment_method_types\":[\"card\"],\"status\":");
@@ -2013,7 +2013,7 @@ pp_get_amount(ctx *c, const jval *a, const char *field, long long *v, char cur[4
 	if (r == -2)
 	{
 		pp_422(c, "DECIMAL_PRECISION",
-			   "If the currency supports decimals, only two decimal place precision is supported.");
+			   "The value has more decimal places than the currency allows (JPY 0, USD 2, KWD 3...).");
 		return -1;
 	}
 	if (*v <= 0)
