@@ -287,7 +287,7 @@ currency_exponent(const char *cur)
 {
 	static const char *const zero[] = {
 		"BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF",
-		"UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF", "HUF0", NULL
+		"UGX", "UYI", "VND", "VUV", "XAF", "XOF", "XPF", NULL
 	};
 	static const char *const three[] = {
 		"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND", NULL
