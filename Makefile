@@ -3,6 +3,7 @@
 #   make demo     a local cluster, a sample catalog, a flash sale (test/tools/demo.sh)
 #   make test     every suite on throwaway clusters (test/tools/run-tests.sh)
 #   make bench    the pgbench benchmarks (test/bench/run.sh), not part of CI
+#   make test-psp the local test PSP the payment tests start (test/psp/)
 #
 # The PGXS targets (all, install, installcheck) work as usual; installcheck
 # starts its own temporary cluster with the library preloaded.
@@ -45,7 +46,7 @@ include $(PGXS)
 sql/market--0.1--0.2.sql: $(sort $(wildcard sql/0.1--0.2/*.sql))
 	cat $^ > $@
 
-.PHONY: test demo bench tmp_check_dir
+.PHONY: test demo bench test-psp tmp_check_dir
 tmp_check_dir:
 	@mkdir -p tmp_check
 
@@ -57,3 +58,6 @@ demo:
 
 bench:
 	bash test/bench/run.sh
+
+test-psp:
+	$(MAKE) -C test/psp

@@ -114,6 +114,11 @@ if ! make -j"$(nproc)" PG_CONFIG="$PG_CONFIG" 2>&1 | tee /tmp/market-build.$$.lo
 fi
 rm -f /tmp/market-build.$$.log
 note build ok $(( $(date +%s) - t )) "make"
+# the test PSP (test/psp/) that TAP tests start; plain C, libc only
+if ! make -s test-psp; then
+	note test-psp FAILED 0 "make test-psp failed"
+	FAILED=$((FAILED + 1)); FAILED_NAMES+=(test-psp)
+fi
 
 say "install (make install)"
 t=$(date +%s)
