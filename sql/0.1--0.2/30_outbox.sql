@@ -140,7 +140,7 @@ BEGIN
 	--    ack or a fail is poison that kills its consumer: dead-letter it.
 	IF v_dead IS NOT NULL THEN
 		UPDATE market.outbox o
-		   SET dead_at = v_now, lease_owner = NULL, lease_until = NULL,
+		   SET dead_at = v_now, lease_until = NULL,
 			   last_error = format('lease expired after attempt %s', o.attempts)
 							|| coalesce('; last error: ' || o.last_error, '')
 		 WHERE o.id = ANY (v_dead);
