@@ -50,7 +50,7 @@ CREATE TYPE market.outbox_message AS (
 
 CREATE FUNCTION market.outbox_wake() RETURNS trigger
 AS 'MODULE_PATHNAME', 'market_outbox_wake'
-LANGUAGE C;
+LANGUAGE C SET search_path = pg_catalog, pg_temp;
 
 CREATE TRIGGER outbox_wake
 	AFTER INSERT ON market.outbox
