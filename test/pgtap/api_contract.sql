@@ -129,7 +129,7 @@ SELECT function_returns('market', 'expire_reservations', ARRAY['integer'], 'inte
 SELECT function_returns('market', 'worker_status', '{}'::name[], 'record');
 SELECT function_returns('market', 'verify_inventory', '{}'::name[], 'setof record');
 
-SELECT function_returns('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], 'setof outbox_message');
+SELECT function_returns('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], 'setof market.outbox_message');
 SELECT function_returns('market', 'outbox_ack', ARRAY['bigint[]', 'text'], 'integer');
 SELECT function_returns('market', 'outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], 'text');
 SELECT function_returns('market', 'outbox_retry', ARRAY['bigint'], 'void');
