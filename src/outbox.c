@@ -84,6 +84,7 @@ typedef struct OutboxShared
 {
 	pg_atomic_uint32 pid;		/* notifier's pid, 0 when it does not run */
 	pg_atomic_uint32 procno;	/* its PGPROC number, for its latch */
+	pg_atomic_uint32 look_planned;	/* 1: it will look at the counters soon anyway */
 	pg_atomic_uint64 commits[OUTBOX_NTOPICS];	/* commits that wrote topic */
 	pg_atomic_uint64 notifies[OUTBOX_NTOPICS];	/* NOTIFYs sent */
 	pg_atomic_uint64 last_notify[OUTBOX_NTOPICS];	/* TimestampTz, 0 = never */
@@ -100,6 +101,7 @@ static int	outbox_backoff_s = 1;
 static int	outbox_max_backoff_s = 600;
 static int	outbox_retention_s = 3600;
 static int	outbox_cleanup_interval_s = 60;
+static int	outbox_notify_interval_ms = 10;
 static bool outbox_worker_enabled = true;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -134,6 +136,7 @@ outbox_shmem_startup(void)
 
 		pg_atomic_init_u32(&outbox_shared->pid, 0);
 		pg_atomic_init_u32(&outbox_shared->procno, 0);
+		pg_atomic_init_u32(&outbox_shared->look_planned, 0);
 		for (i = 0; i < OUTBOX_NTOPICS; i++)
 		{
 			pg_atomic_init_u64(&outbox_shared->commits[i], 0);
@@ -202,6 +205,11 @@ market_outbox_init(void)
 							"It also purges idempotency keys when market.idempotency_purge(int) exists.",
 							&outbox_cleanup_interval_s, 60, 1, 86400,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.outbox_notify_interval",
+							"Shortest time between two NOTIFYs of one topic by the outbox notifier.",
+							"Commits within it share one notification.",
+							&outbox_notify_interval_ms, 10, 0, 10000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomBoolVariable("market.outbox_worker",
 							 "Starts the outbox notifier worker.",
 							 "Only effective when market is in shared_preload_libraries.",
@@ -248,12 +256,14 @@ outbox_xact_callback(XactEvent event, void *arg)
 						pg_atomic_fetch_add_u64(&outbox_shared->commits[i], 1);
 
 				/*
+				 * The adds above are full barriers, so a notifier that
+				 * planned a look reads them after clearing look_planned.
 				 * A stale procno (the notifier restarting) only sets some
 				 * other process's latch: a spurious wake, harmless.  A
 				 * notifier that is down sees the counters when it starts.
 				 */
 				pid = pg_atomic_read_u32(&outbox_shared->pid);
-				if (pid != 0)
+				if (pid != 0 && pg_atomic_read_u32(&outbox_shared->look_planned) == 0)
 				{
 					uint32		procno = pg_atomic_read_u32(&outbox_shared->procno);
 
@@ -417,6 +427,46 @@ send_notifies(uint32 mask)
 		}
 }
 
+/* the notifier's view of the counters (notifier process only) */
+static uint64 seen_commits[OUTBOX_NTOPICS];
+static bool notified_once = false;
+static TimestampTz last_sent = 0;
+
+/*
+ * notify_if_due sends a NOTIFY for every topic whose commit counter moved
+ * since the last one, unless the last was less than
+ * market.outbox_notify_interval ago: then commits wait for the next one,
+ * which they share.  On the first call every topic is notified, since
+ * consumers may have missed wake-ups while no notifier ran.  Returns 0 when
+ * nothing waits, else the time at which the waiting topics are due.
+ */
+static TimestampTz
+notify_if_due(void)
+{
+	uint32		mask = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz due = TimestampTzPlusMilliseconds(last_sent, outbox_notify_interval_ms);
+	int			i;
+
+	for (i = 0; i < OUTBOX_NTOPICS; i++)
+		if (!notified_once ||
+			pg_atomic_read_u64(&outbox_shared->commits[i]) != seen_commits[i])
+			mask |= 1U << i;
+	if (mask == 0)
+		return 0;
+	if (notified_once && now < due)
+		return due;
+
+	/* read before sending: every commit counted here is visible to consumers */
+	for (i = 0; i < OUTBOX_NTOPICS; i++)
+		if (mask & (1U << i))
+			seen_commits[i] = pg_atomic_read_u64(&outbox_shared->commits[i]);
+	send_notifies(mask);
+	last_sent = now;
+	notified_once = true;
+	return 0;
+}
+
 /*
  * run_sql runs one statement in a transaction of its own and returns the
  * first column of its first row as int64 (0 when there is none).  An error
@@ -506,6 +556,7 @@ run_cleanup(void)
 		if (!ok || n < CLEANUP_BATCH)
 			break;
 		CHECK_FOR_INTERRUPTS();
+		(void) notify_if_due();		/* a long clean-up does not hold up wake-ups */
 	}
 
 	/* idempotency keys: another part of the extension owns the function */
@@ -525,11 +576,8 @@ run_cleanup(void)
 void
 market_outbox_notifier_main(Datum main_arg)
 {
-	uint64		seen[OUTBOX_NTOPICS];
-	bool		first = true;
 	TimestampTz next_cleanup;
 	MemoryContext loop_cxt;
-	int			i;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -552,20 +600,23 @@ market_outbox_notifier_main(Datum main_arg)
 	ereport(LOG,
 			(errmsg("market outbox notifier started in database \"%s\"", market_database)));
 
-	for (i = 0; i < OUTBOX_NTOPICS; i++)
-		seen[i] = 0;
 	next_cleanup = GetCurrentTimestamp();
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "market outbox notifier loop",
 									 ALLOCSET_DEFAULT_SIZES);
 	for (;;)
 	{
-		uint32		mask = 0;
 		TimestampTz now;
+		TimestampTz wake;
+		TimestampTz due;
 		long		sleep_ms;
 		MemoryContext old;
 
-		/* reset before looking, so that a commit after the look wakes us */
+		/*
+		 * Reset the latch and clear look_planned before looking, so that a
+		 * commit after the look wakes us.
+		 */
 		ResetLatch(MyLatch);
+		pg_atomic_exchange_u32(&outbox_shared->look_planned, 0);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
@@ -573,25 +624,8 @@ market_outbox_notifier_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
-		/*
-		 * Every topic whose counter moved; on start every topic, since
-		 * consumers may have missed wake-ups while no notifier ran.
-		 */
-		for (i = 0; i < OUTBOX_NTOPICS; i++)
-		{
-			uint64		cur = pg_atomic_read_u64(&outbox_shared->commits[i]);
-
-			if (first || cur != seen[i])
-			{
-				mask |= 1U << i;
-				seen[i] = cur;
-			}
-		}
-		first = false;
-
 		old = MemoryContextSwitchTo(loop_cxt);
-		if (mask != 0)
-			send_notifies(mask);
+		due = notify_if_due();
 
 		now = GetCurrentTimestamp();
 		if (now >= next_cleanup)
@@ -606,7 +640,14 @@ market_outbox_notifier_main(Datum main_arg)
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(loop_cxt);
 
-		sleep_ms = (next_cleanup > now) ? (long) ((next_cleanup - now + 999) / 1000) : 0;
+		wake = next_cleanup;
+		if (due != 0)
+		{
+			/* commits wait for their NOTIFY: look again when it is due */
+			wake = Min(wake, due);
+			pg_atomic_write_u32(&outbox_shared->look_planned, 1);
+		}
+		sleep_ms = (wake > now) ? (long) ((wake - now + 999) / 1000) : 0;
 		if (sleep_ms > 0)
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 sleep_ms, PG_WAIT_EXTENSION);

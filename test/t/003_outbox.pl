@@ -9,8 +9,8 @@
 #      the notifier (not by the writing session, which sends no NOTIFY), and
 #      only for that topic
 #   3. a rolled-back transaction wakes nobody
-#   4. many commits in a row: every one is followed by a notification
-#      (coalesced: at most one per commit)
+#   4. many commits in a row share notifications: at most one per
+#      market.outbox_notify_interval, and the last commit is notified too
 #   5. SIGTERM: the notifier comes back with a new pid and still notifies;
 #      after a restart of the server too
 #   6. clean-up with nobody calling: acked rows older than
@@ -190,7 +190,8 @@ listen_for($listener, 1, 0);    # whatever the start-up sent
 }
 
 # ---------------------------------------------------------------------------
-# 4. many commits: coalesced notifications, the last commit always notified
+# 4. many commits: they share notifications (at most one per
+#    market.outbox_notify_interval), and the last one is notified too
 # ---------------------------------------------------------------------------
 
 {
@@ -198,6 +199,8 @@ listen_for($listener, 1, 0);    # whatever the start-up sent
 	my $script = join('',
 		map { "INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id) VALUES ('events', 'tap', 'tap4', $_);\n" }
 		  1 .. $n);
+
+	# default interval (10 ms)
 	my $t0 = time;
 	sql($script);
 	note sprintf('%d commits in %.2f s', $n, time - $t0);
@@ -206,9 +209,33 @@ listen_for($listener, 1, 0);    # whatever the start-up sent
 	cmp_ok(scalar(@got), '<=', $n, "$n commits: at most one notification each");
 	is(join(',', sort keys %{ { map { $_->[0] => 1 } @got } }),
 		'market_outbox_events', 'all on market_outbox_events');
-	note scalar(@got) . " notifications for $n commits";
+	note scalar(@got) . " notifications for $n commits (interval 10 ms)";
+
+	# a long interval: the commits share one or two notifications
+	sql("ALTER SYSTEM SET market.outbox_notify_interval = '1s'");
+	sql('SELECT pg_reload_conf()');
+	ok(wait_until("SELECT current_setting('market.outbox_notify_interval') = '1s'", 10),
+		'market.outbox_notify_interval = 1s');
+	usleep(500_000);    # the notifier reloads on its next wake
+	add_rows('events', 'tap4-reload', 1);    # that wake
+	listen_for($listener, 2, 0);
+	$t0 = time;
+	sql($script);
+	my $commit_secs = time - $t0;
+	@got = listen_for($listener, 4, 0);
+	note sprintf('%d commits in %.2f s: %d notifications (interval 1 s)',
+		$n, $commit_secs, scalar(@got));
+	cmp_ok(scalar(@got), '>=', 1, "$n commits, interval 1 s: notified");
+	cmp_ok(scalar(@got), '<=', 2 + int($commit_secs),
+		"$n commits, interval 1 s: no more than one notification per second");
+	is( sql(
+			"SELECT last_notify >= (SELECT max(created_at) FROM market.outbox WHERE aggregate_type = 'tap4')
+			   FROM market.outbox_status() WHERE topic = 'events'"),
+		't', 'the last commit was followed by a notification');
+	sql('ALTER SYSTEM RESET market.outbox_notify_interval');
+	sql('SELECT pg_reload_conf()');
 	is(sql("SELECT count(*) FROM market.outbox WHERE aggregate_type = 'tap4'"),
-		$n, 'all the rows are there');
+		2 * $n, 'all the rows are there');
 }
 
 # ---------------------------------------------------------------------------
