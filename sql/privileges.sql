@@ -143,3 +143,45 @@ DROP ROLE regress_market_nobody;
 SELECT on_hand, held, free FROM market.stock_levels WHERE sku_id = :a AND warehouse_id = :w1;
 SELECT market.available(:a) AS avail;
 SELECT * FROM market.verify_inventory();
+
+-- ---------------------------------------------------------------------------
+-- the outbox: consumers (market_app) claim, ack and fail; market_admin also
+-- retries, cleans up and reads the status; nobody writes the table directly
+-- ---------------------------------------------------------------------------
+INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id)
+VALUES ('psp', 'prv.job', 'prv', 1), ('psp', 'prv.job', 'prv', 2);
+SET ROLE market_app;
+SELECT id AS ob1 FROM market.outbox_claim('prv-app', 1, 'psp') \gset
+SELECT market.outbox_ack(ARRAY[:ob1], 'prv-app') AS acked;
+SELECT id AS ob2 FROM market.outbox_claim('prv-app', 1, 'psp') \gset
+SELECT :ob2 > :ob1 AS another_row;
+SELECT market.outbox_fail(:ob2, 'prv failure', 'prv-app') AS outcome;
+SELECT market.outbox_retry(:ob2);                                           -- 42501
+SELECT market.outbox_cleanup();                                             -- 42501
+SELECT * FROM market.outbox_status();                                       -- 42501
+SELECT * FROM market.outbox_notifier();                                     -- 42501
+SELECT count(*) FROM market.outbox;                                         -- 42501
+INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id)
+VALUES ('psp', 'prv.job', 'prv', 3);                                        -- 42501
+UPDATE market.outbox SET acked_at = now();                                  -- 42501
+RESET ROLE;
+SET ROLE market_admin;
+SELECT count(*) AS claimed FROM market.outbox_claim('prv-admin', 10, 'events');
+SELECT market.outbox_retry(:ob2);                                           -- MK054: allowed, not dead
+SELECT market.outbox_cleanup() >= 0 AS cleanup_ok;
+SELECT topic FROM market.outbox_status() ORDER BY topic;
+SELECT topic FROM market.outbox_notifier() ORDER BY topic;
+SELECT lease_owner, attempts, last_error FROM market.outbox WHERE id = :ob2;
+DELETE FROM market.outbox WHERE aggregate_type = 'prv';                     -- 42501
+RESET ROLE;
+CREATE ROLE regress_market_outbox_nobody NOLOGIN;
+GRANT USAGE ON SCHEMA market TO regress_market_outbox_nobody;
+SET ROLE regress_market_outbox_nobody;
+SELECT * FROM market.outbox_claim('nobody');                                -- 42501
+SELECT market.outbox_ack(ARRAY[1]);                                         -- 42501
+SELECT market.outbox_fail(1, 'x');                                          -- 42501
+SELECT * FROM market.outbox_status();                                       -- 42501
+RESET ROLE;
+REVOKE USAGE ON SCHEMA market FROM regress_market_outbox_nobody;
+DROP ROLE regress_market_outbox_nobody;
+DELETE FROM market.outbox WHERE aggregate_type = 'prv';

@@ -140,6 +140,7 @@ define_gucs(void)
 void
 _PG_init(void)
 {
+	market_outbox_init();		/* outbox GUCs, notifier (src/outbox.c) */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)

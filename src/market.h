@@ -178,4 +178,7 @@ extern TimestampTz market_next_expiry(void);
 /* src/worker.c */
 extern void market_register_worker(void);
 
+/* src/outbox.c */
+extern void market_outbox_init(void);
+
 #endif							/* MARKET_H */

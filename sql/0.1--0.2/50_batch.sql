@@ -10,7 +10,7 @@ CREATE FUNCTION market.batch_status(
 	OUT requests bigint, OUT fallbacks bigint, OUT largest_batch bigint)
 RETURNS record
 AS 'MODULE_PATHNAME', 'market_batch_status'
-LANGUAGE C VOLATILE;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 REVOKE ALL ON FUNCTION market.batch_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION market.batch_status() TO market_admin;

@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(214);
+SELECT plan(262);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -88,7 +88,9 @@ SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effe
 SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_create', 'warehouse_create',
 	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
 	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
-	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects']);
+	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects',
+	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
+	'outbox_notifier', 'outbox_wake', 'batch_status']);
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -103,10 +105,23 @@ SELECT has_function('market', 'reservation_release', ARRAY['uuid']);
 SELECT has_function('market', 'reservation_commit', ARRAY['uuid']);
 SELECT has_function('market', 'expire_reservations', ARRAY['integer']);
 SELECT has_function('market', 'worker_status', '{}'::name[]);
+SELECT has_function('market', 'batch_status', '{}'::name[]);
 SELECT has_function('market', 'verify_inventory', '{}'::name[]);
 SELECT has_function('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
 SELECT has_function('market', 'order_transitions', '{}'::name[]);
 SELECT has_function('market', 'order_view', ARRAY['bigint']);
+
+-- the outbox (docs/outbox.md)
+SELECT has_function('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval']);
+SELECT has_function('market', 'outbox_ack', ARRAY['bigint[]', 'text']);
+SELECT has_function('market', 'outbox_fail', ARRAY['bigint', 'text', 'text', 'interval']);
+SELECT has_function('market', 'outbox_retry', ARRAY['bigint']);
+SELECT has_function('market', 'outbox_cleanup', ARRAY['integer']);
+SELECT has_function('market', 'outbox_status', '{}'::name[]);
+SELECT has_function('market', 'outbox_notifier', '{}'::name[]);
+SELECT has_function('market', 'outbox_wake', '{}'::name[]);
+SELECT has_type('market', 'outbox_message', 'outbox_claim returns rows of type market.outbox_message');
+SELECT trigger_is('market', 'outbox', 'outbox_wake', 'market', 'outbox_wake');
 
 SELECT function_returns('market', 'seller_create', ARRAY['text'], 'bigint');
 SELECT function_returns('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb'], 'bigint');
@@ -121,10 +136,20 @@ SELECT function_returns('market', 'reservation_release', ARRAY['uuid'], 'boolean
 SELECT function_returns('market', 'reservation_commit', ARRAY['uuid'], 'bigint');
 SELECT function_returns('market', 'expire_reservations', ARRAY['integer'], 'integer');
 SELECT function_returns('market', 'worker_status', '{}'::name[], 'record');
+SELECT function_returns('market', 'batch_status', '{}'::name[], 'record');
 SELECT function_returns('market', 'verify_inventory', '{}'::name[], 'setof record');
 SELECT function_returns('market', 'order_transition', ARRAY['bigint', 'text', 'text'], 'text');
 SELECT function_returns('market', 'order_transitions', '{}'::name[], 'setof record');
 SELECT function_returns('market', 'order_view', ARRAY['bigint'], 'jsonb');
+
+SELECT function_returns('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], 'setof market.outbox_message');
+SELECT function_returns('market', 'outbox_ack', ARRAY['bigint[]', 'text'], 'integer');
+SELECT function_returns('market', 'outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], 'text');
+SELECT function_returns('market', 'outbox_retry', ARRAY['bigint'], 'void');
+SELECT function_returns('market', 'outbox_cleanup', ARRAY['integer'], 'bigint');
+SELECT function_returns('market', 'outbox_status', '{}'::name[], 'setof record');
+SELECT function_returns('market', 'outbox_notifier', '{}'::name[], 'setof record');
+SELECT function_returns('market', 'outbox_wake', '{}'::name[], 'trigger');
 
 -- argument names and defaults, so that named notation works as documented
 SELECT is(pg_get_function_arguments('market.seller_create(text)'::regprocedure),
@@ -166,6 +191,25 @@ SELECT is(pg_get_function_arguments('market.order_view(bigint)'::regprocedure),
 SELECT is(pg_get_function_result('market.order_transitions()'::regprocedure),
 	'TABLE(from_status text, to_status text)', 'order_transitions result columns');
 
+SELECT is(pg_get_function_arguments('market.outbox_claim(text, integer, text, interval)'::regprocedure),
+	'consumer text, max integer DEFAULT 100, topic text DEFAULT ''events''::text, lease interval DEFAULT NULL::interval',
+	'outbox_claim arguments');
+SELECT is(pg_get_function_arguments('market.outbox_ack(bigint[], text)'::regprocedure),
+	'ids bigint[], consumer text DEFAULT NULL::text', 'outbox_ack arguments');
+SELECT is(pg_get_function_arguments('market.outbox_fail(bigint, text, text, interval)'::regprocedure),
+	'id bigint, error text, consumer text DEFAULT NULL::text, retry_after interval DEFAULT NULL::interval',
+	'outbox_fail arguments');
+SELECT is(pg_get_function_arguments('market.outbox_retry(bigint)'::regprocedure),
+	'id bigint', 'outbox_retry arguments');
+SELECT is(pg_get_function_arguments('market.outbox_cleanup(integer)'::regprocedure),
+	'max integer DEFAULT 10000', 'outbox_cleanup arguments');
+SELECT is(pg_get_function_result('market.outbox_status()'::regprocedure),
+	'TABLE(topic text, pending bigint, leased bigint, dead bigint, oldest_pending_age interval, notifier_pid integer, last_notify timestamp with time zone, notifies bigint, last_cleanup timestamp with time zone)',
+	'outbox_status result columns');
+SELECT is(pg_get_function_arguments('market.outbox_notifier()'::regprocedure),
+	'OUT topic text, OUT pid integer, OUT notifies bigint, OUT last_notify timestamp with time zone, OUT last_cleanup timestamp with time zone, OUT cleaned_total bigint',
+	'outbox_notifier result columns');
+
 -- every documented function is SECURITY DEFINER, not STRICT, and pins
 -- search_path = pg_catalog, pg_temp
 SELECT is_definer('market', 'seller_create', ARRAY['text']);
@@ -181,6 +225,7 @@ SELECT is_definer('market', 'reservation_release', ARRAY['uuid']);
 SELECT is_definer('market', 'reservation_commit', ARRAY['uuid']);
 SELECT is_definer('market', 'expire_reservations', ARRAY['integer']);
 SELECT is_definer('market', 'worker_status', '{}'::name[]);
+SELECT is_definer('market', 'batch_status', '{}'::name[]);
 SELECT is_definer('market', 'verify_inventory', '{}'::name[]);
 SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
 SELECT is_definer('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
@@ -189,6 +234,14 @@ SELECT is_definer('market', 'order_view', ARRAY['bigint']);
 -- the order triggers write history, outbox and stock whoever fires them
 SELECT is_definer('market', 'order_guard', '{}'::name[]);
 SELECT is_definer('market', 'order_effects', '{}'::name[]);
+SELECT is_definer('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval']);
+SELECT is_definer('market', 'outbox_ack', ARRAY['bigint[]', 'text']);
+SELECT is_definer('market', 'outbox_fail', ARRAY['bigint', 'text', 'text', 'interval']);
+SELECT is_definer('market', 'outbox_retry', ARRAY['bigint']);
+SELECT is_definer('market', 'outbox_cleanup', ARRAY['integer']);
+SELECT is_definer('market', 'outbox_status', '{}'::name[]);
+SELECT is_definer('market', 'outbox_notifier', '{}'::name[]);
+SELECT isnt_definer('market', 'outbox_wake', '{}'::name[]);
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
 		  NULL, 'no market function is STRICT');
@@ -371,6 +424,29 @@ SELECT throws_ok('UPDATE market.stock_ledger SET delta = delta', 'MK030', NULL, 
 SELECT throws_ok('DELETE FROM market.stock_ledger', 'MK030', NULL, 'DELETE on the ledger raises MK030');
 SELECT throws_ok('TRUNCATE market.stock_ledger', 'MK030', NULL, 'TRUNCATE on the ledger raises MK030');
 
+-- the outbox: claim, ack and its SQLSTATEs (MK020, MK050-MK054)
+INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id)
+VALUES ('events', 'tap.event', 'tap', 1);
+SELECT is((SELECT array_agg(event_type) FROM market.outbox_claim('tap-consumer')), ARRAY['tap.event'],
+	'outbox_claim hands out the new row');
+SELECT is(market.outbox_ack((SELECT array_agg(id) FROM market.outbox WHERE event_type = 'tap.event'), 'tap-consumer'),
+	1, 'outbox_ack marks it delivered');
+SELECT throws_ok('SELECT * FROM market.outbox_claim(NULL)', 'MK020', NULL, 'outbox_claim: NULL consumer raises MK020');
+SELECT throws_ok('SELECT market.outbox_ack(NULL)', 'MK020', NULL, 'outbox_ack: NULL ids raises MK020');
+SELECT throws_ok('SELECT * FROM market.outbox_claim(''c'', 10, ''nope'')', 'MK050', NULL,
+	'outbox_claim: unknown topic raises MK050');
+SELECT throws_ok('SELECT * FROM market.outbox_claim(''c'', 0)', 'MK051', NULL, 'outbox_claim: max 0 raises MK051');
+SELECT throws_ok('SELECT * FROM market.outbox_claim(''c'', 10, ''events'', ''2 days'')', 'MK051', NULL,
+	'outbox_claim: a lease of 2 days raises MK051');
+SELECT throws_ok('SELECT market.outbox_ack(array_fill(1::bigint, ARRAY[10001]))', 'MK051', NULL,
+	'outbox_ack: 10001 ids raises MK051');
+SELECT throws_ok('SELECT market.outbox_fail(-1, ''x'')', 'MK052', NULL, 'outbox_fail: unknown row raises MK052');
+SELECT throws_ok('SELECT market.outbox_retry(-1)', 'MK052', NULL, 'outbox_retry: unknown row raises MK052');
+SELECT throws_ok(format('SELECT market.outbox_fail(%s, ''x'', ''tap-consumer'')',
+		(SELECT id FROM market.outbox WHERE event_type = 'tap.event')),
+	'MK053', NULL, 'outbox_fail: an acked row raises MK053');
+SELECT throws_ok(format('SELECT market.outbox_retry(%s)', (SELECT id FROM market.outbox WHERE event_type = 'tap.event')),
+	'MK054', NULL, 'outbox_retry: a row that is not dead raises MK054');
 -- MK003 illegal order transition, MK017 unknown order (and MK020 for NULLs)
 INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)
 VALUES (gen_random_uuid(), 'tap-customer', 'EUR', 0) RETURNING id AS tap_group \gset

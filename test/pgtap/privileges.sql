@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(172);
+SELECT plan(224);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -44,6 +44,10 @@ SELECT table_privs_are('market', t, 'public', '{}'::text[],
 		format('PUBLIC has no privilege on market.%s', t))
   FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
 					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+-- the outbox: read by market_admin, written only through the functions
+SELECT table_privs_are('market', 'outbox', 'market_admin', ARRAY['SELECT'], 'market_admin may only SELECT from market.outbox');
+SELECT table_privs_are('market', 'outbox', 'market_app', '{}'::text[], 'market_app has no privilege on market.outbox');
+SELECT table_privs_are('market', 'outbox', 'public', '{}'::text[], 'PUBLIC has no privilege on market.outbox');
 SELECT is((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
 			WHERE c.relnamespace = 'market'::regnamespace AND c.relkind = 'S'
 			  AND (has_sequence_privilege('market_app', c.oid, 'USAGE, UPDATE, SELECT')
@@ -82,7 +86,16 @@ INSERT INTO fn VALUES
 	('order_transitions', '{}', true, true),
 	('order_view', ARRAY['bigint'], true, true),
 	('order_guard', '{}', false, false),
-	('order_effects', '{}', false, false);
+	('order_effects', '{}', false, false),
+	('outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], true, true),
+	('outbox_ack', ARRAY['bigint[]', 'text'], true, true),
+	('outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], true, true),
+	('outbox_retry', ARRAY['bigint'], false, true),
+	('outbox_cleanup', ARRAY['integer'], false, true),
+	('outbox_status', '{}', false, true),
+	('outbox_notifier', '{}', false, true),
+	('outbox_wake', '{}', false, false),
+	('batch_status', '{}', false, true);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');
 SELECT function_privs_are('market', name, args, 'market_app',
@@ -135,6 +148,7 @@ SELECT throws_ok('SELECT market.seller_create(''x'')', '42501', NULL, 'market_ap
 SELECT throws_ok('SELECT market.expire_reservations()', '42501', NULL, 'market_app: expire_reservations is denied');
 SELECT throws_ok('SELECT * FROM market.verify_inventory()', '42501', NULL, 'market_app: verify_inventory is denied');
 SELECT throws_ok('SELECT * FROM market.worker_status()', '42501', NULL, 'market_app: worker_status is denied');
+SELECT throws_ok('SELECT * FROM market.batch_status()', '42501', NULL, 'market_app: batch_status is denied');
 SELECT throws_ok('SELECT * FROM market.reservations', '42501', NULL, 'market_app: reading reservations is denied');
 SELECT throws_ok('SELECT * FROM market.stock_levels', '42501', NULL, 'market_app: reading stock_levels is denied');
 SELECT throws_ok('SELECT * FROM market.reservation_lines', '42501', NULL, 'market_app: reading reservation_lines is denied');
@@ -147,6 +161,17 @@ SELECT throws_ok(format('UPDATE market.orders SET status = ''shipped'' WHERE id 
 	'market_app: UPDATE of an order is denied');
 SELECT throws_ok('SELECT * FROM market.order_events', '42501', NULL, 'market_app: reading order_events is denied');
 RESET ROLE;
+INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id)
+VALUES ('psp', 'tap.priv', 'tap-priv', 1);
+SET ROLE market_app;
+SELECT market.outbox_claim('tap-app', 1, 'psp') AS claimed \gset
+SELECT is((:'claimed'::market.outbox_message).event_type, 'tap.priv', 'market_app: outbox_claim');
+SELECT is(market.outbox_ack(ARRAY[(:'claimed'::market.outbox_message).id], 'tap-app'), 1, 'market_app: outbox_ack');
+SELECT throws_ok('SELECT market.outbox_retry(1)', '42501', NULL, 'market_app: outbox_retry is denied');
+SELECT throws_ok('SELECT market.outbox_cleanup()', '42501', NULL, 'market_app: outbox_cleanup is denied');
+SELECT throws_ok('SELECT * FROM market.outbox_status()', '42501', NULL, 'market_app: outbox_status is denied');
+SELECT throws_ok('SELECT * FROM market.outbox', '42501', NULL, 'market_app: reading the outbox is denied');
+RESET ROLE;
 
 -- market_admin
 SET ROLE market_admin;
@@ -156,12 +181,17 @@ SELECT is(market.stock_set(:sku, :wh, 20), 20::bigint, 'market_admin: stock_set'
 SELECT is(market.expire_reservations(), 0, 'market_admin: expire_reservations');
 SELECT is_empty('SELECT * FROM market.verify_inventory()', 'market_admin: verify_inventory');
 SELECT lives_ok('SELECT * FROM market.worker_status()', 'market_admin: worker_status');
+SELECT lives_ok('SELECT * FROM market.batch_status()', 'market_admin: batch_status');
 SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :sku)::jsonb) AS r3 \gset
 SELECT is(market.reservation_release(:'r3'), true, 'market_admin: reserve and reservation_release');
 SELECT is((SELECT on_hand FROM market.stock_levels WHERE sku_id = :sku), 20::bigint, 'market_admin: reads stock_levels');
 SELECT is((SELECT count(*)::int FROM market.stock_ledger WHERE sku_id = :sku), 4, 'market_admin: reads stock_ledger');
 SELECT is((SELECT status FROM market.reservations WHERE id = :'r3'), 'released', 'market_admin: reads reservations');
 SELECT lives_ok('SELECT * FROM market.reservation_lines', 'market_admin: reads reservation_lines');
+SELECT lives_ok('SELECT market.outbox_cleanup()', 'market_admin: outbox_cleanup');
+SELECT is((SELECT count(*)::int FROM market.outbox_status()), 2, 'market_admin: outbox_status');
+SELECT is((SELECT count(*)::int FROM market.outbox WHERE event_type = 'tap.priv'), 1, 'market_admin: reads the outbox');
+SELECT throws_ok('UPDATE market.outbox SET acked_at = NULL', '42501', NULL, 'market_admin: writing the outbox directly is denied');
 SELECT throws_ok('INSERT INTO market.sellers (name) VALUES (''x'')', '42501', NULL, 'market_admin: INSERT is denied');
 SELECT throws_ok(format('UPDATE market.stock_slots SET free = on_hand WHERE sku_id = %s', :sku), '42501', NULL, 'market_admin: UPDATE is denied');
 SELECT throws_ok(format('DELETE FROM market.reservations WHERE id = %L', :'r3'), '42501', NULL, 'market_admin: DELETE is denied');
@@ -189,6 +219,7 @@ SELECT throws_ok('SELECT * FROM market.stock_levels', '42501', NULL, 'no grants 
 SELECT throws_ok(format('SELECT market.order_transition(%s, ''delivered'')', :ord), '42501', NULL,
 	'no grants but USAGE: order_transition is denied');
 SELECT throws_ok(format('SELECT market.order_view(%s)', :ord), '42501', NULL, 'no grants but USAGE: order_view is denied');
+SELECT throws_ok('SELECT * FROM market.outbox_claim(''nobody'')', '42501', NULL, 'no grants but USAGE: outbox_claim is denied');
 RESET ROLE;
 
 SELECT is(market.available(:sku), 20::bigint, 'nothing the roles tried changed the stock');
