@@ -137,6 +137,7 @@ define_gucs(void)
 void
 _PG_init(void)
 {
+	market_checkout_define_gucs();	/* before define_gucs reserves the prefix */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
