@@ -168,7 +168,7 @@ BEGIN
 	END IF;
 	INSERT INTO market.cart_items AS i (cart_id, sku_id, qty)
 	VALUES (cart, cart_set_item.sku_id, cart_set_item.qty)
-	ON CONFLICT (cart_id, sku_id) DO UPDATE SET qty = EXCLUDED.qty;
+	ON CONFLICT ON CONSTRAINT cart_items_pkey DO UPDATE SET qty = EXCLUDED.qty;
 	RETURN qty;
 END
 $$;
