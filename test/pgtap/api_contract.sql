@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(192);
+SELECT plan(260);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles

@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(143);
+SELECT plan(202);
 
 -- ---------------------------------------------------------------------------
 -- the schema
