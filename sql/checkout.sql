@@ -201,8 +201,8 @@ SELECT b.payload->'method' AS method, b.payload->'psp' AS psp FROM market.outbox
 SELECT market.cart_create('carol') AS cart3 \gset
 SELECT market.cart_set_item(:'cart3', :y, 5);
 SELECT market.checkout_begin(:'cart3', '1 second') AS co3 \gset
-SELECT r.status, r.qtys FROM market.reservations r JOIN market.checkouts c ON c.reservation_id = r.id
- WHERE c.id = :'co3';
+SELECT r.status, (SELECT sum(q) FROM unnest(r.qtys) AS q) AS units FROM market.reservations r
+  JOIN market.checkouts c ON c.reservation_id = r.id WHERE c.id = :'co3';
 SELECT pg_sleep(1.2);
 SELECT market.available(:y) AS y_back;
 SELECT pg_temp.sqlstate_of(format('SELECT market.checkout_complete(%L, ''carol-1'')', :'co3')) AS expired;  -- MK002
