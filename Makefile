@@ -27,7 +27,7 @@ PG_CFLAGS = -Werror -Wmissing-prototypes -Wshadow=compatible-local
 # pg_regress suites: behaviour and bad input (sql/ + expected/)
 # (listed in run order; a name without its sql/<name>.sql is left out)
 REGRESS_ORDER = catalog stock reserve reservation_lifecycle expiry privileges verify \
-	batch upgrade cart checkout orders outbox
+	upgrade cart checkout orders outbox batch
 REGRESS = $(filter $(basename $(notdir $(wildcard sql/*.sql))),$(REGRESS_ORDER))
 REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
 

@@ -19,6 +19,8 @@ SELECT running, pid IS NOT NULL AS has_pid, queued FROM market.batch_status();
 SELECT market.warehouse_create('batch-w', 'Batch warehouse') AS wh \gset
 SELECT market.seller_create('Batch seller') AS seller \gset
 SELECT market.product_create(:seller, 'Batch product') AS product \gset
+-- SKU ids of their own, whatever ran before: the error details name them
+SELECT setval(pg_get_serial_sequence('market.skus', 'id'), 10000) AS sku_ids_from;
 SELECT market.sku_create(:product, 'BATCH-1', 500, 'EUR') AS sku1 \gset
 SELECT market.sku_create(:product, 'BATCH-2', 700, 'EUR') AS sku2 \gset
 SELECT market.stock_set(:sku1, :wh, 3), market.stock_set(:sku2, :wh, 10);

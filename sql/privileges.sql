@@ -9,6 +9,8 @@ SELECT market.product_create(:seller, 'Privileges product') AS product \gset
 SELECT market.sku_create(:product, 'PRV-A', 100, 'USD') AS a \gset
 SELECT market.warehouse_create('prv-w1', 'Privileges W1') AS w1 \gset
 SELECT market.stock_set(:a, :w1, 10) AS on_hand;
+SELECT market.sku_create(:product, 'PRV-CART', 250, 'USD') AS cs \gset
+SELECT market.stock_set(:cs, :w1, 10) AS cart_sku_on_hand;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
 -- ---------------------------------------------------------------------------
@@ -57,6 +59,19 @@ INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (:a, 
 TRUNCATE market.stock_slots;                                                -- 42501
 UPDATE market.orders SET status = 'cancelled';                              -- 42501
 SELECT count(*) FROM market.order_events;                                   -- 42501
+-- carts and checkout: the whole flow, but not the purge or the tables
+SELECT market.cart_create('prv-customer') AS cart \gset
+SELECT market.cart_set_item(:'cart', :cs, 2) AS qty;
+SELECT (market.cart_view(:'cart')->>'total_minor')::bigint AS cart_total;
+SELECT market.checkout_begin(:'cart') AS co \gset
+SELECT (market.checkout_complete(:'co', 'prv-k1'))->'payment'->>'amount_minor' AS paid;
+SELECT (market.buy_now('prv-customer', format('[{"sku_id": %s, "qty": 1}]', :cs)::jsonb, 'prv-k2'))->'payment'->>'amount_minor' AS paid;
+SELECT market.idempotency_purge();                                          -- 42501
+SELECT count(*) FROM market.checkouts;                                      -- 42501
+SELECT count(*) FROM market.idempotency_keys;                               -- 42501
+SELECT count(*) FROM market.carts;                                          -- 42501
+DELETE FROM market.idempotency_keys;                                        -- 42501
+UPDATE market.checkouts SET status = 'open';                                -- 42501
 RESET ROLE;
 SELECT current_user = session_user AS back_to_superuser;
 -- the app's calls are recorded as the session user in the ledger
@@ -104,6 +119,14 @@ DELETE FROM market.stock WHERE sku_id = :admin_sku;                         -- 4
 DELETE FROM market.stock_ledger WHERE sku_id = :admin_sku;                  -- 42501
 INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (:admin_sku, :admin_wh, 1, 'adjust'); -- 42501
 TRUNCATE market.reservations;                                               -- 42501
+-- carts and checkout, the purge, and the checkout tables read-only
+SELECT market.idempotency_purge() AS purged;
+SELECT status FROM market.checkouts WHERE id = :'co';
+SELECT operation, response IS NOT NULL AS has_response FROM market.idempotency_keys
+ WHERE customer_id = 'prv-customer' ORDER BY operation;
+SELECT market.cart_create('prv-admin') IS NOT NULL AS admin_cart;
+DELETE FROM market.idempotency_keys;                                        -- 42501
+UPDATE market.checkouts SET status = 'open' WHERE id = :'co';               -- 42501
 RESET ROLE;
 
 -- ---------------------------------------------------------------------------
@@ -114,6 +137,7 @@ SELECT market.available(:a);                                                -- 4
 SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :a)::jsonb);     -- 42501
 SELECT market.reservation_release(gen_random_uuid());                       -- 42501
 SELECT count(*) FROM market.skus;                                           -- 42501
+SELECT market.cart_create('nobody');                                        -- 42501
 RESET ROLE;
 -- even with USAGE on the schema, no function and no table
 GRANT USAGE ON SCHEMA market TO regress_market_nobody;
@@ -135,6 +159,14 @@ SELECT count(*) FROM market.skus;                                           -- 4
 SELECT count(*) FROM market.stock_levels;                                   -- 42501
 SELECT count(*) FROM market.reservation_lines;                              -- 42501
 INSERT INTO market.sellers (name) VALUES ('nobody');                        -- 42501
+SELECT market.cart_create('nobody');                                        -- 42501
+SELECT market.cart_set_item(:'cart', :cs, 1);                               -- 42501
+SELECT market.cart_view(:'cart');                                           -- 42501
+SELECT market.checkout_begin(:'cart');                                      -- 42501
+SELECT market.checkout_complete(:'co', 'nobody-k');                         -- 42501
+SELECT market.buy_now('nobody', format('[{"sku_id": %s, "qty": 1}]', :cs)::jsonb, 'k'); -- 42501
+SELECT market.idempotency_purge();                                          -- 42501
+SELECT count(*) FROM market.checkouts;                                      -- 42501
 RESET ROLE;
 REVOKE USAGE ON SCHEMA market FROM regress_market_nobody;
 DROP ROLE regress_market_nobody;
@@ -142,6 +174,7 @@ DROP ROLE regress_market_nobody;
 -- nothing above changed the stock behind the functions' back
 SELECT on_hand, held, free FROM market.stock_levels WHERE sku_id = :a AND warehouse_id = :w1;
 SELECT market.available(:a) AS avail;
+SELECT market.available(:cs) AS cart_sku_avail;   -- 10 - 2 - 1 sold
 SELECT * FROM market.verify_inventory();
 
 -- ---------------------------------------------------------------------------

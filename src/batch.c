@@ -515,7 +515,8 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 			else
 			{
 				market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
-									 request_owner(req), &answers[i].id);
+									 request_owner(req), false, &answers[i].id,
+									 NULL, NULL);
 				note_reserved(estimates, req);
 			}
 		}
@@ -554,7 +555,7 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
-							 request_owner(req), &ans->id);
+							 request_owner(req), false, &ans->id, NULL, NULL);
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();

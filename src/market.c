@@ -141,6 +141,7 @@ void
 _PG_init(void)
 {
 	market_outbox_init();		/* outbox GUCs, notifier (src/outbox.c) */
+	market_checkout_define_gucs();	/* before define_gucs reserves the prefix */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)

@@ -41,6 +41,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "port/atomics.h"
+#include "utils/jsonb.h"
 #include "utils/uuid.h"
 
 /* SQLSTATEs of class MK (listed in docs/sqlstates.md) */
@@ -150,9 +151,17 @@ extern bool market_sku_exists(int64 sku_id);
 extern bool market_warehouse_exists(int32 warehouse_id);
 extern int64 market_available_units(int64 sku_id, int32 warehouse_id);
 
-/* src/reservation.c */
+/* src/reservation.c: the reservation core, reused by checkout */
+extern int64 market_resolve_ttl(FunctionCallInfo fcinfo, int argno);
+extern void market_generate_uuid7(pg_uuid_t *uuid, TimestampTz now);
+extern ReserveLine *market_parse_items(Jsonb *items, int *nlines);
 extern void market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
-								 text *owner, pg_uuid_t *id_out);
+								 text *owner, bool sell, pg_uuid_t *id_out,
+								 TimestampTz *expires_out, TakeList *takes_out);
+extern bool market_commit_reservation(pg_uuid_t *id, TakeList *takes);
+
+/* src/checkout.c */
+extern void market_checkout_define_gucs(void);
 
 /* src/batch.c: the batched reservation path and its worker */
 extern bool market_batch_reserve;

@@ -62,9 +62,9 @@ ttl_to_usecs(Interval *ttl)
 	return usecs;
 }
 
-/* resolve_ttl returns the TTL argument in microseconds, or the GUC default. */
-static int64
-resolve_ttl(FunctionCallInfo fcinfo, int argno)
+/* market_resolve_ttl returns the TTL argument in microseconds, or the GUC default. */
+int64
+market_resolve_ttl(FunctionCallInfo fcinfo, int argno)
 {
 	if (PG_ARGISNULL(argno))
 		return (int64) market_reservation_ttl_s * USECS_PER_SEC;
@@ -72,12 +72,12 @@ resolve_ttl(FunctionCallInfo fcinfo, int argno)
 }
 
 /*
- * generate_uuid7 makes a time-ordered UUID (version 7): 48 bits of Unix
- * milliseconds, then random bits.  Time order keeps the primary key's
+ * market_generate_uuid7 makes a time-ordered UUID (version 7): 48 bits of
+ * Unix milliseconds, then random bits.  Time order keeps the primary key's
  * inserts on the right edge of the B-tree.
  */
-static void
-generate_uuid7(pg_uuid_t *uuid, TimestampTz now)
+void
+market_generate_uuid7(pg_uuid_t *uuid, TimestampTz now)
 {
 	uint64		unix_ms = (uint64) (now / 1000) +
 		(uint64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000;
@@ -234,11 +234,11 @@ compare_lines(const void *a, const void *b)
 }
 
 /*
- * parse_items validates the items document and returns its lines sorted by
- * (sku, warehouse) with duplicates summed.
+ * market_parse_items validates the items document and returns its lines
+ * sorted by (sku, warehouse) with duplicates summed.
  */
-static ReserveLine *
-parse_items(Jsonb *items, int *nlines)
+ReserveLine *
+market_parse_items(Jsonb *items, int *nlines)
 {
 	int			n;
 	int			merged = 0;
@@ -294,23 +294,28 @@ parse_items(Jsonb *items, int *nlines)
 	return lines;
 }
 
-/* insert_reservation writes the reservation row with its takes. */
+/*
+ * insert_reservation writes the reservation row with its takes: held until
+ * expires_at, or (sold) committed at once, finished at now.
+ */
 static void
 insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
-				   TimestampTz expires_at, TakeList *takes)
+				   TimestampTz expires_at, TakeList *takes, bool sold)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[8] = {UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
-	Datum		values[8];
-	char		nulls[8] = "        ";
+	Oid			types[9] = {UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, TIMESTAMPTZOID};
+	Datum		values[9];
+	char		nulls[9] = "         ";
 	int			rc;
 
 	market_prepare(&plan,
 				   "INSERT INTO market.reservations"
-				   " (id, owner, status, created_at, expires_at, sku_ids, warehouse_ids, slots, qtys)"
-				   " VALUES ($1, $2, 'held', $3, $4, $5, $6, $7, $8)",
-				   8, types);
+				   " (id, owner, status, created_at, expires_at, sku_ids, warehouse_ids, slots, qtys,"
+				   "  finished_at)"
+				   " VALUES ($1, $2, CASE WHEN $9 IS NULL THEN 'held' ELSE 'committed' END,"
+				   "  $3, $4, $5, $6, $7, $8, $9)",
+				   9, types);
 	values[0] = UUIDPGetDatum(id);
 	values[1] = owner ? PointerGetDatum(owner) : (Datum) 0;
 	if (!owner)
@@ -318,6 +323,9 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = TimestampTzGetDatum(expires_at);
 	market_takes_to_arrays(takes->items, takes->count, &values[4]);
+	values[8] = TimestampTzGetDatum(now);
+	if (!sold)
+		nulls[8] = 'n';
 	rc = SPI_execute_plan(plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "market: could not record reservation: %s", SPI_result_code_string(rc));
@@ -326,21 +334,34 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 /*
  * market_reserve_lines is the reservation core, callable for a batch: it
  * reserves every line (all or nothing, raising on the first that cannot be
- * served) and records one reservation.  Caller is inside SPI.
+ * served) and records one reservation.  With sell, the units are sold at
+ * once: the row is recorded as committed and the units leave stock with
+ * their sale rows in the ledger, as reservation_commit would do (this is
+ * buy_now's one-step path).  takes_out, when given, receives what was
+ * taken (allocated in the current, SPI, memory context); expires_out the
+ * reservation's expires_at.  Caller is inside SPI.
  */
 void
 market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
-					 text *owner, pg_uuid_t *id_out)
+					 text *owner, bool sell, pg_uuid_t *id_out,
+					 TimestampTz *expires_out, TakeList *takes_out)
 {
 	TakeList	takes = {0};
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz expires_at = now + ttl_usecs;
+	TimestampTz expires_at = sell ? now : now + ttl_usecs;
 
 	for (int i = 0; i < nlines; i++)
 		market_take_line(&lines[i], &takes);
-	generate_uuid7(id_out, now);
-	insert_reservation(id_out, owner, now, expires_at, &takes);
-	market_note_expiry(expires_at);
+	market_generate_uuid7(id_out, now);
+	insert_reservation(id_out, owner, now, expires_at, &takes, sell);
+	if (sell)
+		market_return_units(takes.items, takes.count, true, id_out);
+	else
+		market_note_expiry(expires_at);
+	if (expires_out)
+		*expires_out = expires_at;
+	if (takes_out)
+		*takes_out = takes;
 }
 
 /* market.reserve(items jsonb, ttl interval, owner text) returns uuid */
@@ -356,7 +377,7 @@ market_reserve(PG_FUNCTION_ARGS)
 
 	market_require_arg(fcinfo, 0, "items");
 	items = PG_GETARG_JSONB_P(0);
-	ttl_usecs = resolve_ttl(fcinfo, 1);
+	ttl_usecs = market_resolve_ttl(fcinfo, 1);
 	if (!PG_ARGISNULL(2))
 	{
 		owner = PG_GETARG_TEXT_PP(2);
@@ -367,13 +388,13 @@ market_reserve(PG_FUNCTION_ARGS)
 					 errdetail("owner has %d bytes; the limit is %d.",
 							   (int) VARSIZE_ANY_EXHDR(owner), MARKET_MAX_OWNER_LEN)));
 	}
-	lines = parse_items(items, &nlines);
+	lines = market_parse_items(items, &nlines);
 
 	if (market_batch_try_reserve(lines, nlines, ttl_usecs, owner, id))
 		PG_RETURN_UUID_P(id);
 
 	SPI_connect();
-	market_reserve_lines(lines, nlines, ttl_usecs, owner, id);
+	market_reserve_lines(lines, nlines, ttl_usecs, owner, false, id, NULL, NULL);
 	SPI_finish();
 	PG_RETURN_UUID_P(id);
 }
@@ -455,22 +476,38 @@ finish_reservation(pg_uuid_t *id, const char *status, bool only_if_unexpired,
 	return true;
 }
 
+/*
+ * market_commit_reservation sells a held, unexpired reservation: marks it
+ * committed, takes its units out of stock and writes the sale rows.  Its
+ * lines are appended to takes.  Returns false, changing nothing, when the
+ * reservation is not live (unknown, expired, released or committed).
+ * Caller is inside SPI.
+ */
+bool
+market_commit_reservation(pg_uuid_t *id, TakeList *takes)
+{
+	char	   *status;
+
+	if (!finish_reservation(id, "committed", true, GetCurrentTimestamp(), takes, &status))
+		return false;
+	market_return_units(takes->items, takes->count, true, id);
+	return true;
+}
+
 /* market.reservation_commit(reservation uuid) returns bigint: the sale */
 Datum
 market_reservation_commit(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t  *id;
 	TakeList	takes = {0};
-	char	   *status;
 	int64		sold = 0;
 
 	market_require_arg(fcinfo, 0, "reservation");
 	id = PG_GETARG_UUID_P(0);
 
 	SPI_connect();
-	if (!finish_reservation(id, "committed", true, GetCurrentTimestamp(), &takes, &status))
+	if (!market_commit_reservation(id, &takes))
 		raise_not_live(id, "commit");
-	market_return_units(takes.items, takes.count, true, id);
 	for (int i = 0; i < takes.count; i++)
 		sold += takes.items[i].qty;
 	SPI_finish();					/* frees takes */

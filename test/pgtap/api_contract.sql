@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(262);
+SELECT plan(330);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -42,7 +42,7 @@ SELECT is(pg_has_role('market_admin', 'market_app', 'MEMBER'), false, 'market_ad
 -- ---------------------------------------------------------------------------
 SELECT tables_are('market', ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock',
 	'stock_slots', 'reservations', 'stock_ledger', 'carts', 'cart_items', 'order_groups',
-	'orders', 'order_lines', 'order_events', 'payments', 'outbox']);
+	'orders', 'order_lines', 'order_events', 'payments', 'outbox', 'checkouts', 'idempotency_keys']);
 SELECT views_are('market', ARRAY['reservation_lines', 'stock_levels']);
 SELECT columns_are('market', 'sellers', ARRAY['id', 'name', 'created_at']);
 SELECT columns_are('market', 'products', ARRAY['id', 'seller_id', 'title', 'description', 'brand',
@@ -59,6 +59,13 @@ SELECT columns_are('market', 'stock_ledger', ARRAY['id', 'at', 'sku_id', 'wareho
 SELECT columns_are('market', 'reservation_lines', ARRAY['reservation_id', 'owner', 'status', 'expires_at',
 	'sku_id', 'warehouse_id', 'slot', 'qty']);
 SELECT columns_are('market', 'stock_levels', ARRAY['sku_id', 'warehouse_id', 'on_hand', 'held', 'free', 'slots']);
+SELECT columns_are('market', 'checkouts', ARRAY['id', 'cart_id', 'customer_id', 'currency', 'reservation_id',
+	'status', 'sku_ids', 'qtys', 'unit_prices', 'seller_ids', 'total_minor', 'created_at', 'expires_at',
+	'completed_at', 'group_id']);
+SELECT columns_are('market', 'idempotency_keys', ARRAY['customer_id', 'key', 'operation', 'fingerprint',
+	'response', 'created_at']);
+SELECT col_is_pk('market', 'idempotency_keys', ARRAY['customer_id', 'key']::name[], 'idempotency keys are keyed by (customer_id, key)');
+SELECT col_is_unique('market', 'order_groups', 'checkout_id'::name, 'one order group per checkout');
 SELECT col_type_is('market', 'skus', 'id', 'bigint', 'skus.id is bigint');
 SELECT col_type_is('market', 'warehouses', 'id', 'integer', 'warehouses.id is integer');
 SELECT col_type_is('market', 'reservations', 'id', 'uuid', 'reservations.id is uuid');
@@ -90,7 +97,9 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
 	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects',
 	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
-	'outbox_notifier', 'outbox_wake', 'batch_status']);
+	'outbox_notifier', 'outbox_wake', 'batch_status',
+	'cart_create', 'cart_set_item', 'cart_view', 'checkout_begin', 'checkout_complete', 'buy_now',
+	'idempotency_purge']);
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -122,6 +131,13 @@ SELECT has_function('market', 'outbox_notifier', '{}'::name[]);
 SELECT has_function('market', 'outbox_wake', '{}'::name[]);
 SELECT has_type('market', 'outbox_message', 'outbox_claim returns rows of type market.outbox_message');
 SELECT trigger_is('market', 'outbox', 'outbox_wake', 'market', 'outbox_wake');
+SELECT has_function('market', 'cart_create', ARRAY['text', 'text']);
+SELECT has_function('market', 'cart_set_item', ARRAY['uuid', 'bigint', 'integer']);
+SELECT has_function('market', 'cart_view', ARRAY['uuid']);
+SELECT has_function('market', 'checkout_begin', ARRAY['uuid', 'interval']);
+SELECT has_function('market', 'checkout_complete', ARRAY['uuid', 'text', 'jsonb', 'text']);
+SELECT has_function('market', 'buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text']);
+SELECT has_function('market', 'idempotency_purge', ARRAY['integer']);
 
 SELECT function_returns('market', 'seller_create', ARRAY['text'], 'bigint');
 SELECT function_returns('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb'], 'bigint');
@@ -150,6 +166,13 @@ SELECT function_returns('market', 'outbox_cleanup', ARRAY['integer'], 'bigint');
 SELECT function_returns('market', 'outbox_status', '{}'::name[], 'setof record');
 SELECT function_returns('market', 'outbox_notifier', '{}'::name[], 'setof record');
 SELECT function_returns('market', 'outbox_wake', '{}'::name[], 'trigger');
+SELECT function_returns('market', 'cart_create', ARRAY['text', 'text'], 'uuid');
+SELECT function_returns('market', 'cart_set_item', ARRAY['uuid', 'bigint', 'integer'], 'integer');
+SELECT function_returns('market', 'cart_view', ARRAY['uuid'], 'jsonb');
+SELECT function_returns('market', 'checkout_begin', ARRAY['uuid', 'interval'], 'uuid');
+SELECT function_returns('market', 'checkout_complete', ARRAY['uuid', 'text', 'jsonb', 'text'], 'jsonb');
+SELECT function_returns('market', 'buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text'], 'jsonb');
+SELECT function_returns('market', 'idempotency_purge', ARRAY['integer'], 'bigint');
 
 -- argument names and defaults, so that named notation works as documented
 SELECT is(pg_get_function_arguments('market.seller_create(text)'::regprocedure),
@@ -209,6 +232,22 @@ SELECT is(pg_get_function_result('market.outbox_status()'::regprocedure),
 SELECT is(pg_get_function_arguments('market.outbox_notifier()'::regprocedure),
 	'OUT topic text, OUT pid integer, OUT notifies bigint, OUT last_notify timestamp with time zone, OUT last_cleanup timestamp with time zone, OUT cleaned_total bigint',
 	'outbox_notifier result columns');
+SELECT is(pg_get_function_arguments('market.cart_create(text, text)'::regprocedure),
+	'customer_id text, currency text DEFAULT ''USD''::text', 'cart_create arguments');
+SELECT is(pg_get_function_arguments('market.cart_set_item(uuid, bigint, integer)'::regprocedure),
+	'cart uuid, sku_id bigint, qty integer', 'cart_set_item arguments');
+SELECT is(pg_get_function_arguments('market.cart_view(uuid)'::regprocedure),
+	'cart uuid', 'cart_view arguments');
+SELECT is(pg_get_function_arguments('market.checkout_begin(uuid, interval)'::regprocedure),
+	'cart uuid, ttl interval DEFAULT NULL::interval', 'checkout_begin arguments');
+SELECT is(pg_get_function_arguments('market.checkout_complete(uuid, text, jsonb, text)'::regprocedure),
+	'checkout uuid, idempotency_key text, payment jsonb DEFAULT ''{}''::jsonb, customer_id text DEFAULT NULL::text',
+	'checkout_complete arguments');
+SELECT is(pg_get_function_arguments('market.buy_now(text, jsonb, text, jsonb, text)'::regprocedure),
+	'customer_id text, items jsonb, idempotency_key text, payment jsonb DEFAULT ''{}''::jsonb, currency text DEFAULT ''USD''::text',
+	'buy_now arguments');
+SELECT is(pg_get_function_arguments('market.idempotency_purge(integer)'::regprocedure),
+	'max integer DEFAULT 10000', 'idempotency_purge arguments');
 
 -- every documented function is SECURITY DEFINER, not STRICT, and pins
 -- search_path = pg_catalog, pg_temp
@@ -227,6 +266,13 @@ SELECT is_definer('market', 'expire_reservations', ARRAY['integer']);
 SELECT is_definer('market', 'worker_status', '{}'::name[]);
 SELECT is_definer('market', 'batch_status', '{}'::name[]);
 SELECT is_definer('market', 'verify_inventory', '{}'::name[]);
+SELECT is_definer('market', 'cart_create', ARRAY['text', 'text']);
+SELECT is_definer('market', 'cart_set_item', ARRAY['uuid', 'bigint', 'integer']);
+SELECT is_definer('market', 'cart_view', ARRAY['uuid']);
+SELECT is_definer('market', 'checkout_begin', ARRAY['uuid', 'interval']);
+SELECT is_definer('market', 'checkout_complete', ARRAY['uuid', 'text', 'jsonb', 'text']);
+SELECT is_definer('market', 'buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text']);
+SELECT is_definer('market', 'idempotency_purge', ARRAY['integer']);
 SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
 SELECT is_definer('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
 SELECT is_definer('market', 'order_transitions', '{}'::name[]);
@@ -254,7 +300,7 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 		  NULL, 'no market function claims to be IMMUTABLE');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 's'),
-		  ARRAY['available', 'order_transitions', 'order_view', 'verify_inventory'],
+		  ARRAY['available', 'cart_view', 'order_transitions', 'order_view', 'verify_inventory'],
 		  'only the read-only functions are STABLE');
 SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
 			WHERE p.pronamespace = 'market'::regnamespace AND NOT r.rolsuper),
@@ -466,6 +512,68 @@ SELECT is(market.available(:sku), 3::bigint, 'available is unchanged by the fail
 SELECT is((SELECT count(*)::int FROM market.stock_ledger WHERE sku_id = :sku), 3, 'the ledger is unchanged by the failed calls');
 SELECT is(market.reservation_release(:'live'), true, 'the live reservation is still live');
 SELECT is_empty('SELECT * FROM market.verify_inventory()', 'verify_inventory still finds nothing');
+
+-- ---------------------------------------------------------------------------
+-- carts and checkout (docs/checkout.md): every SQLSTATE they document
+-- ---------------------------------------------------------------------------
+SELECT market.sku_create(:product, 'TAP-C', 700, 'EUR') AS sku_c \gset
+SELECT market.sku_create(:product, 'TAP-U', 100, 'USD') AS sku_u \gset
+SELECT market.stock_set(:sku_c, :wh, 10) AS c_on_hand \gset
+SELECT market.cart_create('tap-customer', 'EUR') AS cart \gset
+SELECT is((SELECT currency FROM market.carts WHERE id = :'cart'), 'EUR', 'cart_create makes a cart in its currency');
+SELECT throws_ok('SELECT market.cart_create(NULL)', 'MK020', NULL, 'cart_create: NULL customer raises MK020');
+SELECT throws_ok('SELECT market.cart_create(''c'', ''eur'')', 'MK022', NULL, 'cart_create: a bad currency raises MK022');
+SELECT throws_ok(format('SELECT market.cart_set_item(%L, %s, 1)', gen_random_uuid(), :sku_c),
+	'MK015', NULL, 'cart_set_item: unknown cart raises MK015');
+SELECT throws_ok(format('SELECT market.cart_set_item(%L, 999999999, 1)', :'cart'),
+	'MK010', NULL, 'cart_set_item: unknown SKU raises MK010');
+SELECT throws_ok(format('SELECT market.cart_set_item(%L, %s, 1)', :'cart', :sku_u),
+	'MK026', NULL, 'cart_set_item: a SKU in another currency raises MK026');
+SELECT throws_ok(format('SELECT market.cart_set_item(%L, %s, -1)', :'cart', :sku_c),
+	'MK020', NULL, 'cart_set_item: a negative quantity raises MK020');
+SELECT throws_ok(format('SELECT market.cart_view(%L)', gen_random_uuid()),
+	'MK015', NULL, 'cart_view: unknown cart raises MK015');
+SELECT throws_ok(format('SELECT market.checkout_begin(%L)', :'cart'), 'MK027', NULL, 'checkout_begin: empty cart raises MK027');
+SELECT throws_ok(format('SELECT market.checkout_begin(%L)', gen_random_uuid()), 'MK015', NULL, 'checkout_begin: unknown cart raises MK015');
+SELECT is(market.cart_set_item(:'cart', :sku_c, 3), 3, 'cart_set_item returns the quantity');
+SELECT is((market.cart_view(:'cart')->>'total_minor')::bigint, 2100::bigint, 'cart_view totals the lines');
+SELECT throws_ok(format('SELECT market.checkout_begin(%L, ''0 s'')', :'cart'), 'MK023', NULL, 'checkout_begin: ttl 0 raises MK023');
+SELECT market.cart_set_item(:'cart', :sku_c, 11) AS too_many \gset
+SELECT throws_ok(format('SELECT market.checkout_begin(%L)', :'cart'), 'MK001', NULL, 'checkout_begin: short stock raises MK001');
+SELECT market.cart_set_item(:'cart', :sku_c, 3) AS three \gset
+SELECT market.checkout_begin(:'cart') AS co \gset
+SELECT is(market.checkout_begin(:'cart'), :'co'::uuid, 'checkout_begin again returns the live checkout');
+SELECT is(market.available(:sku_c), 7::bigint, 'checkout_begin reserves the lines');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''k'')', gen_random_uuid()), 'MK016', NULL, 'checkout_complete: unknown checkout raises MK016');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, NULL)', :'co'), 'MK020', NULL, 'checkout_complete: NULL key raises MK020');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, %L)', :'co', repeat('k', 256)), 'MK020', NULL, 'checkout_complete: a 256-character key raises MK020');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''k'', ''{"x": 1}'')', :'co'), 'MK021', NULL, 'checkout_complete: a malformed payment raises MK021');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''k'', ''{}'', ''someone'')', :'co'), 'MK028', NULL, 'checkout_complete: someone else''s checkout raises MK028');
+SELECT market.checkout_complete(:'co', 'tap-k1') AS res \gset
+SELECT is(jsonb_array_length(:'res'::jsonb->'orders'), 1, 'checkout_complete makes one order per seller');
+SELECT is((:'res'::jsonb->'payment'->>'amount_minor')::bigint, 2100::bigint, 'the payment is the total');
+SELECT is(market.checkout_complete(:'co', 'tap-k1'), :'res'::jsonb, 'checkout_complete: the same key answers the same result');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''tap-k1'', ''{"method": "card"}'')', :'co'), 'MK004', NULL, 'checkout_complete: the same key for another request raises MK004');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''tap-k2'')', :'co'), 'MK029', NULL, 'checkout_complete: a completed checkout raises MK029');
+SELECT is((SELECT count(*)::int FROM market.order_groups WHERE checkout_id = :'co'), 1, 'one order group for the checkout');
+SELECT market.cart_set_item(:'cart', :sku_c, 1) AS one \gset
+SELECT market.checkout_begin(:'cart', '1 s') AS co2 \gset
+UPDATE market.reservations SET expires_at = clock_timestamp() - interval '1 s'
+ WHERE id = (SELECT reservation_id FROM market.checkouts WHERE id = :'co2');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''tap-k3'')', :'co2'), 'MK002', NULL, 'checkout_complete: an expired checkout raises MK002');
+SELECT throws_ok(format('SELECT market.buy_now(''tap-customer'', ''[{"sku_id": %s, "qty": 1}]'', ''b1'')', :sku_c),
+	'MK026', NULL, 'buy_now: a SKU in another currency raises MK026');
+SELECT throws_ok(format('SELECT market.buy_now(''tap-customer'', ''[{"sku_id": %s, "qty": 1}]'', NULL, ''{}'', ''EUR'')', :sku_c),
+	'MK020', NULL, 'buy_now: NULL key raises MK020');
+SELECT throws_ok(format('SELECT market.buy_now(''tap-customer'', ''[{"sku_id": %s, "qty": 100}]'', ''b1'', ''{}'', ''EUR'')', :sku_c),
+	'MK001', NULL, 'buy_now: short stock raises MK001');
+SELECT is((market.buy_now('tap-customer', format('[{"sku_id": %s, "qty": 2}]', :sku_c)::jsonb, 'b1', '{}', 'EUR'))->'payment'->>'amount_minor',
+	'1400', 'buy_now sells at the current price');
+SELECT throws_ok(format('SELECT market.buy_now(''tap-customer'', ''[{"sku_id": %s, "qty": 1}]'', ''b1'', ''{}'', ''EUR'')', :sku_c),
+	'MK004', NULL, 'buy_now: the same key for another request raises MK004');
+SELECT throws_ok('SELECT market.idempotency_purge(0)', 'MK020', NULL, 'idempotency_purge: max 0 raises MK020');
+SELECT is(market.idempotency_purge(), 0::bigint, 'idempotency_purge keeps young keys');
+SELECT is_empty('SELECT * FROM market.verify_inventory()', 'verify_inventory is clean after checkouts');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(224);
+SELECT plan(283);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -35,15 +35,18 @@ SELECT schema_privs_are('market', 'regress_market_nobody', '{}'::text[], 'a role
 SELECT table_privs_are('market', t, 'market_admin', ARRAY['SELECT'],
 		format('market_admin may only SELECT from market.%s', t))
   FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
-					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels',
+					'checkouts', 'idempotency_keys']) AS t;
 SELECT table_privs_are('market', t, 'market_app', '{}'::text[],
 		format('market_app has no privilege on market.%s', t))
   FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
-					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels',
+					'checkouts', 'idempotency_keys']) AS t;
 SELECT table_privs_are('market', t, 'public', '{}'::text[],
 		format('PUBLIC has no privilege on market.%s', t))
   FROM unnest(ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock', 'stock_slots',
-					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels']) AS t;
+					'reservations', 'stock_ledger', 'reservation_lines', 'stock_levels',
+					'checkouts', 'idempotency_keys']) AS t;
 -- the outbox: read by market_admin, written only through the functions
 SELECT table_privs_are('market', 'outbox', 'market_admin', ARRAY['SELECT'], 'market_admin may only SELECT from market.outbox');
 SELECT table_privs_are('market', 'outbox', 'market_app', '{}'::text[], 'market_app has no privilege on market.outbox');
@@ -95,7 +98,14 @@ INSERT INTO fn VALUES
 	('outbox_status', '{}', false, true),
 	('outbox_notifier', '{}', false, true),
 	('outbox_wake', '{}', false, false),
-	('batch_status', '{}', false, true);
+	('batch_status', '{}', false, true),
+	('cart_create', ARRAY['text', 'text'], true, true),
+	('cart_set_item', ARRAY['uuid', 'bigint', 'integer'], true, true),
+	('cart_view', ARRAY['uuid'], true, true),
+	('checkout_begin', ARRAY['uuid', 'interval'], true, true),
+	('checkout_complete', ARRAY['uuid', 'text', 'jsonb', 'text'], true, true),
+	('buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text'], true, true),
+	('idempotency_purge', ARRAY['integer'], false, true);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');
 SELECT function_privs_are('market', name, args, 'market_app',
@@ -132,6 +142,8 @@ INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor
 VALUES (gen_random_uuid(), 'tap-priv', 'EUR', 0) RETURNING id AS grp \gset
 INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)
 VALUES (:grp, :seller, 'tap-priv', 'EUR', 0) RETURNING id AS ord \gset
+SELECT market.sku_create(:product, 'TAP-PRIV-CART', 500, 'USD') AS cart_sku \gset
+SELECT market.stock_set(:cart_sku, :wh, 10) AS cart_on_hand \gset
 
 -- market_app
 SET ROLE market_app;
@@ -171,6 +183,20 @@ SELECT throws_ok('SELECT market.outbox_retry(1)', '42501', NULL, 'market_app: ou
 SELECT throws_ok('SELECT market.outbox_cleanup()', '42501', NULL, 'market_app: outbox_cleanup is denied');
 SELECT throws_ok('SELECT * FROM market.outbox_status()', '42501', NULL, 'market_app: outbox_status is denied');
 SELECT throws_ok('SELECT * FROM market.outbox', '42501', NULL, 'market_app: reading the outbox is denied');
+-- carts and checkout
+SELECT market.cart_create('tap-app-customer') AS cart \gset
+SELECT is(market.cart_set_item(:'cart', :cart_sku, 2), 2, 'market_app: cart_set_item');
+SELECT is((market.cart_view(:'cart')->>'total_minor')::bigint, 1000::bigint, 'market_app: cart_view');
+SELECT market.checkout_begin(:'cart') AS co \gset
+SELECT isnt(:'co'::uuid, NULL, 'market_app: checkout_begin');
+SELECT is((market.checkout_complete(:'co', 'app-k1'))->'payment'->>'amount_minor', '1000', 'market_app: checkout_complete');
+SELECT is((market.buy_now('tap-app-customer', format('[{"sku_id": %s, "qty": 1}]', :cart_sku)::jsonb, 'app-k2'))->'payment'->>'status',
+	'pending', 'market_app: buy_now');
+SELECT throws_ok('SELECT market.idempotency_purge()', '42501', NULL, 'market_app: idempotency_purge is denied');
+SELECT throws_ok('SELECT * FROM market.checkouts', '42501', NULL, 'market_app: reading checkouts is denied');
+SELECT throws_ok('SELECT * FROM market.idempotency_keys', '42501', NULL, 'market_app: reading idempotency_keys is denied');
+SELECT throws_ok('DELETE FROM market.idempotency_keys', '42501', NULL, 'market_app: deleting idempotency keys is denied');
+SELECT throws_ok(format('UPDATE market.checkouts SET status = ''open'' WHERE id = %L', :'co'), '42501', NULL, 'market_app: UPDATE of checkouts is denied');
 RESET ROLE;
 
 -- market_admin
@@ -202,6 +228,13 @@ SELECT is(market.order_transition(:ord, 'shipped'), 'shipped', 'market_admin: or
 SELECT is((SELECT count(*)::int FROM market.order_events WHERE order_id = :ord), 3, 'market_admin: reads order_events');
 SELECT throws_ok(format('UPDATE market.orders SET status = ''delivered'' WHERE id = %s', :ord), '42501', NULL,
 	'market_admin: UPDATE of an order is denied');
+SELECT is(market.idempotency_purge(), 0::bigint, 'market_admin: idempotency_purge');
+SELECT is((SELECT status FROM market.checkouts WHERE id = :'co'), 'completed', 'market_admin: reads checkouts');
+SELECT is((SELECT count(*)::int FROM market.idempotency_keys WHERE customer_id = 'tap-app-customer'), 2, 'market_admin: reads idempotency_keys');
+SELECT throws_ok('DELETE FROM market.idempotency_keys', '42501', NULL, 'market_admin: deleting idempotency keys directly is denied');
+SELECT throws_ok(format('UPDATE market.checkouts SET status = ''open'' WHERE id = %L', :'co'), '42501', NULL, 'market_admin: UPDATE of checkouts is denied');
+SELECT market.cart_create('tap-admin-customer') AS admin_cart \gset
+SELECT is(market.cart_set_item(:'admin_cart', :cart_sku, 1), 1, 'market_admin: cart functions');
 RESET ROLE;
 
 -- a role without grants (PUBLIC only)
@@ -209,6 +242,8 @@ SET ROLE regress_market_nobody;
 SELECT throws_ok(format('SELECT market.available(%s)', :sku), '42501', NULL, 'no grants: available is denied');
 SELECT throws_ok(format('SELECT market.reserve(''[{"sku_id": %s, "qty": 1}]'')', :sku), '42501', NULL, 'no grants: reserve is denied');
 SELECT throws_ok('SELECT * FROM market.skus', '42501', NULL, 'no grants: reading skus is denied');
+SELECT throws_ok('SELECT market.cart_create(''nobody'')', '42501', NULL, 'no grants: cart_create is denied');
+SELECT throws_ok(format('SELECT market.checkout_complete(%L, ''k'')', :'co'), '42501', NULL, 'no grants: checkout_complete is denied');
 RESET ROLE;
 GRANT USAGE ON SCHEMA market TO regress_market_nobody;
 SET ROLE regress_market_nobody;
@@ -220,9 +255,16 @@ SELECT throws_ok(format('SELECT market.order_transition(%s, ''delivered'')', :or
 	'no grants but USAGE: order_transition is denied');
 SELECT throws_ok(format('SELECT market.order_view(%s)', :ord), '42501', NULL, 'no grants but USAGE: order_view is denied');
 SELECT throws_ok('SELECT * FROM market.outbox_claim(''nobody'')', '42501', NULL, 'no grants but USAGE: outbox_claim is denied');
+SELECT throws_ok('SELECT market.cart_create(''nobody'')', '42501', NULL, 'no grants but USAGE: cart_create is denied');
+SELECT throws_ok(format('SELECT market.cart_view(%L)', :'cart'), '42501', NULL, 'no grants but USAGE: cart_view is denied');
+SELECT throws_ok(format('SELECT market.checkout_begin(%L)', :'cart'), '42501', NULL, 'no grants but USAGE: checkout_begin is denied');
+SELECT throws_ok(format('SELECT market.buy_now(''nobody'', ''[{"sku_id": %s, "qty": 1}]'', ''k'')', :cart_sku), '42501', NULL, 'no grants but USAGE: buy_now is denied');
+SELECT throws_ok('SELECT market.idempotency_purge()', '42501', NULL, 'no grants but USAGE: idempotency_purge is denied');
+SELECT throws_ok('SELECT * FROM market.checkouts', '42501', NULL, 'no grants but USAGE: reading checkouts is denied');
 RESET ROLE;
 
 SELECT is(market.available(:sku), 20::bigint, 'nothing the roles tried changed the stock');
+SELECT is(market.available(:cart_sku), 7::bigint, 'the checkout and the buy_now sold 3 units');
 SELECT is_empty('SELECT * FROM market.verify_inventory()', 'the inventory is consistent');
 
 SELECT * FROM finish();

@@ -1,0 +1,973 @@
+/*-------------------------------------------------------------------------
+ *
+ * checkout.c
+ *	  Checkout: checkout_begin (reserve a cart and freeze its prices),
+ *	  checkout_complete and buy_now (orders per seller, the sale, the
+ *	  payment to authorize and its outbox row, in one transaction), the
+ *	  idempotency keys that make those two safe to retry, their purge, and
+ *	  the settings of this part.  The cart functions themselves are SQL
+ *	  (sql/0.1--0.2/40_checkout.sql).
+ *
+ * Hot path: checkout_complete and buy_now run a handful of saved SPI plans:
+ * lock the checkout (complete), claim the idempotency key, commit or sell
+ * the reservation through the reservation core (src/reservation.c), and
+ * one statement whose data-modifying CTEs write the order group, the
+ * orders, their lines, the payment, the outbox row, the stored response
+ * and the checkout row.
+ *
+ * Locking (extends the protocol of market.h):
+ *	cart row -> checkout row -> idempotency key -> reservation row -> slots.
+ *	checkout_begin locks the cart row (FOR UPDATE), so begins of one cart
+ *	are serialised, as are cart_set_item calls.  checkout_complete locks
+ *	the checkout row first, so two completes of one checkout run one after
+ *	the other; the second sees it completed.  The idempotency key is a
+ *	unique index entry inserted at the start: a duplicate request waits on
+ *	it until the first ends (then replays its stored response, or, if the
+ *	first rolled back, runs afresh).  Nobody who holds a key waits for a
+ *	cart or checkout row, so the order has no cycle.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <limits.h>
+
+#include "catalog/pg_type.h"
+#include "common/cryptohash.h"
+#include "common/int.h"
+#include "common/sha2.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include "market.h"
+
+PG_FUNCTION_INFO_V1(market_checkout_begin);
+PG_FUNCTION_INFO_V1(market_checkout_complete);
+PG_FUNCTION_INFO_V1(market_buy_now);
+PG_FUNCTION_INFO_V1(market_idempotency_purge);
+
+/* MK022 (0.1's code for a bad currency code, raised in SQL there) */
+#define MK_BAD_CURRENCY			MAKE_SQLSTATE('M','K','0','2','2')
+
+#define MAX_KEY_CHARS			255
+#define MAX_PAYMENT_FIELD_CHARS	100
+#define MAX_CUSTOMER_CHARS		200
+
+/* GUC variables of this part (docs/checkout.md) */
+static int	idempotency_retention_s = 86400;
+static int	low_stock_threshold = 5;
+
+/* what the payment document says */
+typedef struct PaymentDoc
+{
+	char	   *method;			/* NULL when not given */
+	char	   *psp;
+} PaymentDoc;
+
+/* the frozen lines of a checkout, one per SKU */
+typedef struct FrozenLines
+{
+	int			n;
+	Datum	   *sku_ids;
+	Datum	   *qtys;
+	Datum	   *prices;
+	Datum	   *sellers;
+	int64		total;
+} FrozenLines;
+
+/*
+ * market_checkout_define_gucs declares this part's settings; _PG_init calls
+ * it before the market prefix is reserved.
+ */
+void
+market_checkout_define_gucs(void)
+{
+	DefineCustomIntVariable("market.idempotency_retention",
+							"How long idempotency keys are kept at least.",
+							"market.idempotency_purge() deletes keys older than this.",
+							&idempotency_retention_s, 86400, 86400, INT_MAX,
+							PGC_SUSET, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.low_stock_threshold",
+							"Availability at or below which cart_view says \"only_n_left\".",
+							NULL,
+							&low_stock_threshold, 5, 0, 1000000000,
+							PGC_USERSET, 0, NULL, NULL, NULL);
+}
+
+/* ---------------------------------------------------------------------------
+ * argument checks
+ * ---------------------------------------------------------------------------
+ */
+
+/* get_key returns the idempotency key argument, or raises MK020. */
+static text *
+get_key(FunctionCallInfo fcinfo, int argno)
+{
+	text	   *key;
+	int			nchars;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("idempotency_key must not be null"),
+				 errhint("Send a unique key per intended purchase, such as a UUID, and the same key on every retry.")));
+	key = PG_GETARG_TEXT_PP(argno);
+	nchars = pg_mbstrlen_with_len(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+	if (nchars < 1 || nchars > MAX_KEY_CHARS)
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("invalid idempotency key"),
+				 errdetail("The key has %d characters; a key has 1 to %d.", nchars, MAX_KEY_CHARS)));
+	return key;
+}
+
+/* payment_field reads the string value of "method" or "psp". */
+static char *
+payment_field(JsonbValue *v, const char *key)
+{
+	int			nchars;
+
+	if (v->type == jbvNull)
+		return NULL;
+	if (v->type != jbvString)
+		ereport(ERROR,
+				(errcode(MK_INVALID_DOCUMENT),
+				 errmsg("invalid payment document"),
+				 errdetail("\"%s\" is not a JSON string.", key)));
+	nchars = pg_mbstrlen_with_len(v->val.string.val, v->val.string.len);
+	if (nchars < 1 || nchars > MAX_PAYMENT_FIELD_CHARS)
+		ereport(ERROR,
+				(errcode(MK_INVALID_DOCUMENT),
+				 errmsg("invalid payment document"),
+				 errdetail("\"%s\" has %d characters; it has 1 to %d.", key, nchars,
+						   MAX_PAYMENT_FIELD_CHARS)));
+	return pnstrdup(v->val.string.val, v->val.string.len);
+}
+
+/*
+ * parse_payment reads {"method": "...", "psp": "..."} (both optional); any
+ * other shape raises MK021, NULL MK020.
+ */
+static void
+parse_payment(FunctionCallInfo fcinfo, int argno, PaymentDoc *doc)
+{
+	Jsonb	   *jb;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	market_require_arg(fcinfo, argno, "payment");
+	jb = PG_GETARG_JSONB_P(argno);
+	doc->method = NULL;
+	doc->psp = NULL;
+	if (!JB_ROOT_IS_OBJECT(jb))
+		ereport(ERROR,
+				(errcode(MK_INVALID_DOCUMENT),
+				 errmsg("invalid payment document"),
+				 errdetail("payment must be a JSON object."),
+				 errhint("Pass '{\"method\": \"card\", \"psp\": \"stripe\"}' or '{}'.")));
+	it = JsonbIteratorInit(&jb->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		char	   *key;
+
+		if (tok != WJB_KEY)
+			continue;
+		key = pnstrdup(v.val.string.val, v.val.string.len);
+		tok = JsonbIteratorNext(&it, &v, true);
+		if (strcmp(key, "method") == 0)
+			doc->method = payment_field(&v, key);
+		else if (strcmp(key, "psp") == 0)
+			doc->psp = payment_field(&v, key);
+		else
+			ereport(ERROR,
+					(errcode(MK_INVALID_DOCUMENT),
+					 errmsg("invalid payment document"),
+					 errdetail("The payment document has an unknown key \"%s\".", key),
+					 errhint("The keys are \"method\" and \"psp\".")));
+	}
+}
+
+/* ---------------------------------------------------------------------------
+ * fingerprints and idempotency keys
+ * ---------------------------------------------------------------------------
+ */
+
+/* fp_add appends one length-prefixed field (NULL allowed) to a fingerprint. */
+static void
+fp_add(StringInfo buf, const char *s)
+{
+	if (s == NULL)
+		appendStringInfoString(buf, "-|");
+	else
+		appendStringInfo(buf, "%zu:%s|", strlen(s), s);
+}
+
+/* fingerprint returns the sha256 of the request text as a bytea. */
+static bytea *
+fingerprint(StringInfo request)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	bytea	   *out = palloc(VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
+
+	if (pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (uint8 *) request->data, request->len) < 0 ||
+		pg_cryptohash_final(ctx, (uint8 *) VARDATA(out), PG_SHA256_DIGEST_LENGTH) < 0)
+		elog(ERROR, "market: could not compute a request fingerprint");
+	pg_cryptohash_free(ctx);
+	SET_VARSIZE(out, VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
+	return out;
+}
+
+/*
+ * claim_key inserts the (customer, key) row of a request.  If another
+ * transaction is inserting the same key, the INSERT waits for it to end.
+ * Returns true when the key is ours (the request runs); otherwise, when
+ * the key was already used by the same request, sets *response to its
+ * stored response (copied out of SPI); a different request raises MK004.
+ * Caller is inside SPI.
+ */
+static bool
+claim_key(text *customer, text *key, const char *operation, bytea *fp,
+		  Datum *response)
+{
+	static SPIPlanPtr insert_plan = NULL;
+	static SPIPlanPtr read_plan = NULL;
+	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
+	Datum		values[4];
+
+	market_prepare(&insert_plan,
+				   "INSERT INTO market.idempotency_keys (customer_id, key, operation, fingerprint)"
+				   " VALUES ($1, $2, $3, $4) ON CONFLICT (customer_id, key) DO NOTHING",
+				   4, types);
+	market_prepare(&read_plan,
+				   "SELECT operation, fingerprint, response, created_at FROM market.idempotency_keys"
+				   " WHERE customer_id = $1 AND key = $2",
+				   2, types);
+	values[0] = PointerGetDatum(customer);
+	values[1] = PointerGetDatum(key);
+	values[2] = CStringGetTextDatum(operation);
+	values[3] = PointerGetDatum(fp);
+
+	/* a key purged between our INSERT and SELECT is tried again */
+	for (int attempt = 0; attempt < 3; attempt++)
+	{
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		bytea	   *stored;
+		Datum		resp;
+
+		if (SPI_execute_plan(insert_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "market: could not record the idempotency key");
+		if (SPI_processed == 1)
+			return true;
+
+		if (SPI_execute_plan(read_plan, values, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "market: could not read the idempotency key");
+		if (SPI_processed == 0)
+			continue;
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		stored = DatumGetByteaPP(SPI_getbinval(tup, desc, 2, &isnull));
+		if (VARSIZE_ANY_EXHDR(stored) != PG_SHA256_DIGEST_LENGTH ||
+			memcmp(VARDATA_ANY(stored), VARDATA_ANY(fp), PG_SHA256_DIGEST_LENGTH) != 0)
+			ereport(ERROR,
+					(errcode(MK_IDEMPOTENCY_MISMATCH),
+					 errmsg("idempotency key reused with a different request"),
+					 errdetail("Key \"%s\" of this customer was first used at %s for a different %s request.",
+							   text_to_cstring(key),
+							   SPI_getvalue(tup, desc, 4),
+							   SPI_getvalue(tup, desc, 1)),
+					 errhint("Use a new key for a new request; resend the same request to replay a key.")));
+		resp = SPI_getbinval(tup, desc, 3, &isnull);
+		if (isnull)				/* only possible within the transaction that claimed it */
+			ereport(ERROR,
+					(errcode(MK_IDEMPOTENCY_IN_USE),
+					 errmsg("idempotency key in use"),
+					 errdetail("Key \"%s\" is in use by a request that has not finished.",
+							   text_to_cstring(key))));
+		*response = SPI_datumTransfer(resp, false, -1);
+		return false;
+	}
+	ereport(ERROR,
+			(errcode(MK_IDEMPOTENCY_IN_USE),
+			 errmsg("idempotency key in use"),
+			 errdetail("Key \"%s\" kept changing while it was being claimed.", text_to_cstring(key)),
+			 errhint("Retry the request.")));
+	return false;				/* keep the compiler quiet */
+}
+
+/* ---------------------------------------------------------------------------
+ * the orders statement
+ * ---------------------------------------------------------------------------
+ */
+
+/*
+ * The statement that turns a sold reservation into orders.  Parameters:
+ *	$1 checkout id, $2 customer, $3 currency, $4 total,
+ *	$5/$6/$7 what was taken (sku, warehouse, qty; several rows per pair allowed),
+ *	$8/$9/$10 frozen lines (sku, unit price, seller; one row per SKU),
+ *	$11 payment method, $12 psp, $13 idempotency key,
+ *	$14 cart id (complete) or reservation id (buy_now), $15 frozen qtys (buy_now).
+ * One order per seller, its lines per (sku, warehouse) at the frozen price,
+ * one payment, one 'payment.authorize' outbox row, the stored response.
+ */
+#define ORDERS_SQL_HEAD \
+	"WITH g AS (" \
+	"  INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)" \
+	"  VALUES ($1, $2, $3, $4) RETURNING id)," \
+	" l AS (" \
+	"  SELECT t.sku_id, t.warehouse_id, sum(t.qty)::int8 AS qty, f.unit_price, f.seller_id" \
+	"    FROM unnest($5::int8[], $6::int4[], $7::int8[]) AS t(sku_id, warehouse_id, qty)" \
+	"    JOIN unnest($8::int8[], $9::int8[], $10::int8[]) AS f(sku_id, unit_price, seller_id)" \
+	"      ON f.sku_id = t.sku_id" \
+	"   GROUP BY t.sku_id, t.warehouse_id, f.unit_price, f.seller_id)," \
+	" o AS (" \
+	"  INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)" \
+	"  SELECT g.id, l.seller_id, $2, $3, sum(l.qty * l.unit_price)::int8" \
+	"    FROM g, l GROUP BY g.id, l.seller_id ORDER BY l.seller_id" \
+	"  RETURNING id, seller_id, subtotal_minor, status)," \
+	" ol AS (" \
+	"  INSERT INTO market.order_lines (order_id, sku_id, warehouse_id, qty, unit_price_minor)" \
+	"  SELECT o.id, l.sku_id, l.warehouse_id, l.qty, l.unit_price" \
+	"    FROM o JOIN l ON l.seller_id = o.seller_id)," \
+	" p AS (" \
+	"  INSERT INTO market.payments (group_id, customer_id, currency, amount_minor, method, psp)" \
+	"  SELECT g.id, $2, $3, $4, $11, $12 FROM g" \
+	"  RETURNING id, group_id, status, amount_minor, currency, method, psp)," \
+	" ob AS (" \
+	"  INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)" \
+	"  SELECT 'psp', 'payment.authorize', 'payment', p.id," \
+	"         jsonb_build_object('payment_id', p.id, 'group_id', p.group_id," \
+	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
+	"                            'method', p.method, 'psp', p.psp)" \
+	"    FROM p)," \
+	" r AS (" \
+	"  SELECT g.id AS group_id, jsonb_build_object(" \
+	"    'order_group', g.id," \
+	"    'orders', (SELECT jsonb_agg(jsonb_build_object('order_id', o.id, 'seller_id', o.seller_id," \
+	"                                'subtotal_minor', o.subtotal_minor, 'status', o.status)" \
+	"                                ORDER BY o.seller_id) FROM o)," \
+	"    'payment', jsonb_build_object('payment_id', p.id, 'status', p.status," \
+	"                                  'amount_minor', p.amount_minor, 'currency', p.currency)) AS doc" \
+	"    FROM g, p)," \
+	" k AS (" \
+	"  UPDATE market.idempotency_keys k SET response = r.doc FROM r" \
+	"   WHERE k.customer_id = $2 AND k.key = $13),"
+
+/* checkout_complete: the open checkout is completed, its cart emptied */
+#define ORDERS_SQL_COMPLETE ORDERS_SQL_HEAD \
+	" c AS (" \
+	"  UPDATE market.checkouts c SET status = 'completed', group_id = r.group_id," \
+	"         completed_at = now()" \
+	"    FROM r WHERE c.id = $1)," \
+	" ci AS (DELETE FROM market.cart_items WHERE cart_id = $14)" \
+	" SELECT doc FROM r"
+
+/* buy_now: its checkout row is written completed */
+#define ORDERS_SQL_BUY_NOW ORDERS_SQL_HEAD \
+	" c AS (" \
+	"  INSERT INTO market.checkouts (id, cart_id, customer_id, currency, reservation_id, status," \
+	"         sku_ids, qtys, unit_prices, seller_ids, total_minor, expires_at, completed_at, group_id)" \
+	"  SELECT $1, NULL, $2, $3, $14, 'completed', $8, $15, $9, $10, $4, now(), now(), r.group_id" \
+	"    FROM r)" \
+	" SELECT doc FROM r"
+
+/* int8_array builds an int8[] of n datums. */
+static Datum
+int8_array(Datum *elems, int n)
+{
+	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+/*
+ * write_orders runs the orders statement and returns the response document
+ * (copied out of SPI).  Caller is inside SPI.
+ */
+static Datum
+write_orders(bool buy_now, pg_uuid_t *checkout_id, text *customer, text *currency,
+			 FrozenLines *frozen, TakeList *takes, PaymentDoc *pay, text *key,
+			 pg_uuid_t *extra_id)
+{
+	static SPIPlanPtr complete_plan = NULL;
+	static SPIPlanPtr buy_now_plan = NULL;
+	Oid			types[15] = {UUIDOID, TEXTOID, TEXTOID, INT8OID,
+		INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
+		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
+		TEXTOID, TEXTOID, TEXTOID, UUIDOID, INT8ARRAYOID};
+	Datum		values[15];
+	char		nulls[15] = "               ";
+	Datum		take_arrays[4];
+	SPIPlanPtr	plan;
+	bool		isnull;
+	Datum		doc;
+
+	if (buy_now)
+		plan = market_prepare(&buy_now_plan, ORDERS_SQL_BUY_NOW, 15, types);
+	else
+		plan = market_prepare(&complete_plan, ORDERS_SQL_COMPLETE, 14, types);
+
+	market_takes_to_arrays(takes->items, takes->count, take_arrays);
+	values[0] = UUIDPGetDatum(checkout_id);
+	values[1] = PointerGetDatum(customer);
+	values[2] = PointerGetDatum(currency);
+	values[3] = Int64GetDatum(frozen->total);
+	values[4] = take_arrays[0];
+	values[5] = take_arrays[1];
+	values[6] = take_arrays[3];
+	values[7] = int8_array(frozen->sku_ids, frozen->n);
+	values[8] = int8_array(frozen->prices, frozen->n);
+	values[9] = int8_array(frozen->sellers, frozen->n);
+	values[10] = pay->method ? CStringGetTextDatum(pay->method) : (Datum) 0;
+	nulls[10] = pay->method ? ' ' : 'n';
+	values[11] = pay->psp ? CStringGetTextDatum(pay->psp) : (Datum) 0;
+	nulls[11] = pay->psp ? ' ' : 'n';
+	values[12] = PointerGetDatum(key);
+	values[13] = extra_id ? UUIDPGetDatum(extra_id) : (Datum) 0;
+	nulls[13] = extra_id ? ' ' : 'n';
+	values[14] = buy_now ? int8_array(frozen->qtys, frozen->n) : (Datum) 0;
+
+	if (SPI_execute_plan(plan, values, nulls, false, 0) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "market: could not write the orders");
+	doc = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		elog(ERROR, "market: the orders statement returned no response");
+	return SPI_datumTransfer(doc, false, -1);
+}
+
+/* frozen_init allocates room for n frozen lines. */
+static void
+frozen_init(FrozenLines *f, int n)
+{
+	f->n = 0;
+	f->total = 0;
+	f->sku_ids = palloc(sizeof(Datum) * Max(n, 1));
+	f->qtys = palloc(sizeof(Datum) * Max(n, 1));
+	f->prices = palloc(sizeof(Datum) * Max(n, 1));
+	f->sellers = palloc(sizeof(Datum) * Max(n, 1));
+}
+
+/* frozen_add appends a line and adds qty * price to the total (MK020 on overflow). */
+static void
+frozen_add(FrozenLines *f, int64 sku_id, int64 qty, int64 price, int64 seller_id)
+{
+	int64		line_total;
+
+	if (pg_mul_s64_overflow(qty, price, &line_total) ||
+		pg_add_s64_overflow(f->total, line_total, &f->total))
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("order total out of range"),
+				 errdetail("The total of the lines does not fit in a bigint of minor units.")));
+	f->sku_ids[f->n] = Int64GetDatum(sku_id);
+	f->qtys[f->n] = Int64GetDatum(qty);
+	f->prices[f->n] = Int64GetDatum(price);
+	f->sellers[f->n] = Int64GetDatum(seller_id);
+	f->n++;
+}
+
+/* uuid_cstring formats a uuid. */
+static char *
+uuid_cstring(pg_uuid_t *id)
+{
+	return DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(id)));
+}
+
+/* owner_for names the checkout in its reservation's owner column. */
+static text *
+owner_for(pg_uuid_t *checkout_id)
+{
+	return cstring_to_text(psprintf("checkout %s", uuid_cstring(checkout_id)));
+}
+
+/* int8_elems deconstructs an int8[] column datum. */
+static Datum *
+int8_elems(Datum arr, int *n)
+{
+	Datum	   *elems;
+
+	deconstruct_array(DatumGetArrayTypeP(arr), INT8OID, 8, FLOAT8PASSBYVAL,
+					  TYPALIGN_DOUBLE, &elems, NULL, n);
+	return elems;
+}
+
+/* ---------------------------------------------------------------------------
+ * checkout_begin
+ * ---------------------------------------------------------------------------
+ */
+
+/* market.checkout_begin(cart uuid, ttl interval DEFAULT NULL) returns uuid */
+Datum
+market_checkout_begin(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr cart_plan = NULL;
+	static SPIPlanPtr abandon_plan = NULL;
+	static SPIPlanPtr items_plan = NULL;
+	static SPIPlanPtr insert_plan = NULL;
+	Oid			cart_types[2] = {UUIDOID, TIMESTAMPTZOID};
+	Oid			insert_types[11] = {UUIDOID, UUIDOID, TEXTOID, TEXTOID, UUIDOID,
+		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8OID, TIMESTAMPTZOID};
+	Datum		values[11];
+	pg_uuid_t  *cart;
+	pg_uuid_t  *checkout_id = palloc(sizeof(pg_uuid_t));
+	pg_uuid_t	reservation_id;
+	int64		ttl_usecs;
+	TimestampTz expires_at;
+	bool		isnull;
+	text	   *customer;
+	text	   *currency;
+	char	   *cart_currency;
+	int			n;
+	ReserveLine *lines;
+	FrozenLines frozen;
+
+	market_require_arg(fcinfo, 0, "cart");
+	cart = PG_GETARG_UUID_P(0);
+	ttl_usecs = market_resolve_ttl(fcinfo, 1);
+
+	SPI_connect();
+	market_prepare(&cart_plan,
+				   "SELECT ca.customer_id, ca.currency, co.id,"
+				   "       coalesce(r.status = 'held' AND r.expires_at > $2, false)"
+				   "  FROM market.carts ca"
+				   "  LEFT JOIN market.checkouts co ON co.cart_id = ca.id AND co.status = 'open'"
+				   "  LEFT JOIN market.reservations r ON r.id = co.reservation_id"
+				   " WHERE ca.id = $1 FOR UPDATE OF ca",
+				   2, cart_types);
+	market_prepare(&abandon_plan,
+				   "UPDATE market.checkouts SET status = 'abandoned' WHERE id = $1",
+				   1, cart_types);
+	market_prepare(&items_plan,
+				   "SELECT i.sku_id, i.qty::int8, k.price_minor, k.currency, p.seller_id"
+				   "  FROM market.cart_items i"
+				   "  JOIN market.skus k ON k.id = i.sku_id"
+				   "  JOIN market.products p ON p.id = k.product_id"
+				   " WHERE i.cart_id = $1 ORDER BY i.sku_id",
+				   1, cart_types);
+	market_prepare(&insert_plan,
+				   "INSERT INTO market.checkouts (id, cart_id, customer_id, currency, reservation_id,"
+				   "  sku_ids, qtys, unit_prices, seller_ids, total_minor, expires_at)"
+				   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+				   11, insert_types);
+
+	/* lock the cart; an open checkout whose reservation is live is the answer */
+	values[0] = UUIDPGetDatum(cart);
+	values[1] = TimestampTzGetDatum(GetCurrentTimestamp());
+	if (SPI_execute_plan(cart_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "market: could not read the cart");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(MK_UNKNOWN_CART),
+				 errmsg("unknown cart"),
+				 errdetail("No cart has id %s.", uuid_cstring(cart))));
+	customer = DatumGetTextPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	currency = DatumGetTextPP(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	cart_currency = text_to_cstring(currency);
+	{
+		Datum		open_id = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull);
+
+		if (!isnull)
+		{
+			bool		live = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc, 4, &isnull));
+
+			if (live)
+			{
+				memcpy(checkout_id, DatumGetUUIDP(open_id), sizeof(pg_uuid_t));
+				SPI_finish();
+				PG_RETURN_UUID_P(checkout_id);
+			}
+			/* its reservation ran out (or was ended): the worker returns the units */
+			values[0] = open_id;
+			if (SPI_execute_plan(abandon_plan, values, NULL, false, 0) != SPI_OK_UPDATE)
+				elog(ERROR, "market: could not abandon a checkout");
+		}
+	}
+
+	/* the cart's lines at today's prices */
+	values[0] = UUIDPGetDatum(cart);
+	if (SPI_execute_plan(items_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "market: could not read the cart's items");
+	n = (int) SPI_processed;
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(MK_EMPTY_CART),
+				 errmsg("empty cart"),
+				 errdetail("Cart %s has no items.", uuid_cstring(cart)),
+				 errhint("Add items with market.cart_set_item() first.")));
+	if (n > market_max_reservation_lines)
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("too many cart lines"),
+				 errdetail("The cart has %d lines; the limit is %d.", n, market_max_reservation_lines),
+				 errhint("See market.max_reservation_lines.")));
+	lines = palloc0(sizeof(ReserveLine) * n);
+	frozen_init(&frozen, n);
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		int64		sku_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		int64		qty = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		char	   *sku_currency = SPI_getvalue(tup, desc, 4);
+
+		if (strcmp(sku_currency, cart_currency) != 0)
+			ereport(ERROR,
+					(errcode(MK_CURRENCY_MISMATCH),
+					 errmsg("currency mismatch"),
+					 errdetail("SKU %lld is priced in %s; the cart is in %s.",
+							   (long long) sku_id, sku_currency, cart_currency)));
+		if (qty > market_max_line_qty)
+			ereport(ERROR,
+					(errcode(MK_INVALID_ARGUMENT),
+					 errmsg("invalid quantity"),
+					 errdetail("The cart asks for %lld units of SKU %lld.", (long long) qty,
+							   (long long) sku_id),
+					 errhint("A quantity is a whole number from 1 to market.max_line_qty (%d).",
+							 market_max_line_qty)));
+		lines[i].sku_id = sku_id;
+		lines[i].warehouse_id = 0;
+		lines[i].qty = qty;
+		frozen_add(&frozen, sku_id, qty,
+				   DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull)),
+				   DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull)));
+	}
+
+	/* one all-or-nothing reservation (MK001 names the short SKU) */
+	market_generate_uuid7(checkout_id, GetCurrentTimestamp());
+	market_reserve_lines(lines, n, ttl_usecs, owner_for(checkout_id), false,
+						 &reservation_id, &expires_at, NULL);
+
+	values[0] = UUIDPGetDatum(checkout_id);
+	values[1] = UUIDPGetDatum(cart);
+	values[2] = PointerGetDatum(customer);
+	values[3] = PointerGetDatum(currency);
+	values[4] = UUIDPGetDatum(&reservation_id);
+	values[5] = int8_array(frozen.sku_ids, frozen.n);
+	values[6] = int8_array(frozen.qtys, frozen.n);
+	values[7] = int8_array(frozen.prices, frozen.n);
+	values[8] = int8_array(frozen.sellers, frozen.n);
+	values[9] = Int64GetDatum(frozen.total);
+	values[10] = TimestampTzGetDatum(expires_at);
+	if (SPI_execute_plan(insert_plan, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "market: could not record the checkout");
+	SPI_finish();
+	PG_RETURN_UUID_P(checkout_id);
+}
+
+/* ---------------------------------------------------------------------------
+ * checkout_complete
+ * ---------------------------------------------------------------------------
+ */
+
+/*
+ * market.checkout_complete(checkout uuid, idempotency_key text,
+ *							payment jsonb DEFAULT '{}', customer_id text DEFAULT NULL)
+ * returns jsonb
+ */
+Datum
+market_checkout_complete(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr lock_plan = NULL;
+	Oid			types[1] = {UUIDOID};
+	Datum		values[1];
+	pg_uuid_t  *checkout_id;
+	text	   *key;
+	PaymentDoc	pay;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	text	   *customer;
+	text	   *currency;
+	pg_uuid_t  *reservation_id;
+	char	   *status;
+	Datum		cart_datum;
+	bool		cart_null;
+	FrozenLines frozen;
+	Datum	   *skus,
+			   *prices,
+			   *sellers;
+	int			n;
+	StringInfoData request;
+	Datum		response;
+	TakeList	takes = {0};
+
+	market_require_arg(fcinfo, 0, "checkout");
+	checkout_id = PG_GETARG_UUID_P(0);
+	key = get_key(fcinfo, 1);
+	parse_payment(fcinfo, 2, &pay);
+
+	SPI_connect();
+	market_prepare(&lock_plan,
+				   "SELECT customer_id, currency, reservation_id, status, group_id, cart_id,"
+				   "       sku_ids, unit_prices, seller_ids, total_minor"
+				   "  FROM market.checkouts WHERE id = $1 FOR UPDATE",
+				   1, types);
+	values[0] = UUIDPGetDatum(checkout_id);
+	if (SPI_execute_plan(lock_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "market: could not read the checkout");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(MK_UNKNOWN_CHECKOUT),
+				 errmsg("unknown checkout"),
+				 errdetail("No checkout has id %s.", uuid_cstring(checkout_id))));
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	customer = DatumGetTextPP(SPI_getbinval(tup, desc, 1, &isnull));
+	currency = DatumGetTextPP(SPI_getbinval(tup, desc, 2, &isnull));
+	reservation_id = DatumGetUUIDP(SPI_getbinval(tup, desc, 3, &isnull));
+	status = SPI_getvalue(tup, desc, 4);
+	cart_datum = SPI_getbinval(tup, desc, 6, &cart_null);
+
+	/* someone else's checkout: refused before its key space is looked at */
+	if (!PG_ARGISNULL(3))
+	{
+		text	   *claimed = PG_GETARG_TEXT_PP(3);
+
+		if (VARSIZE_ANY_EXHDR(claimed) != VARSIZE_ANY_EXHDR(customer) ||
+			memcmp(VARDATA_ANY(claimed), VARDATA_ANY(customer), VARSIZE_ANY_EXHDR(customer)) != 0)
+			ereport(ERROR,
+					(errcode(MK_NOT_YOUR_CHECKOUT),
+					 errmsg("not your checkout"),
+					 errdetail("Checkout %s belongs to another customer.", uuid_cstring(checkout_id))));
+	}
+
+	/* a request seen before is answered from the key */
+	initStringInfo(&request);
+	fp_add(&request, "checkout_complete");
+	fp_add(&request, uuid_cstring(checkout_id));
+	fp_add(&request, pay.method);
+	fp_add(&request, pay.psp);
+	if (!claim_key(customer, key, "checkout_complete", fingerprint(&request), &response))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(response);
+	}
+
+	if (strcmp(status, "completed") == 0)
+		ereport(ERROR,
+				(errcode(MK_CHECKOUT_NOT_OPEN),
+				 errmsg("checkout not open"),
+				 errdetail("Checkout %s is already completed: order group %s.",
+						   uuid_cstring(checkout_id), SPI_getvalue(tup, desc, 5)),
+				 errhint("Resend the request with the idempotency key that completed it to get its result.")));
+	if (strcmp(status, "open") != 0)
+		ereport(ERROR,
+				(errcode(MK_CHECKOUT_NOT_OPEN),
+				 errmsg("checkout not open"),
+				 errdetail("Checkout %s was %s: its cart changed, or it expired and a new checkout began.",
+						   uuid_cstring(checkout_id), status),
+				 errhint("Begin a new checkout.")));
+
+	/* the frozen lines */
+	skus = int8_elems(SPI_getbinval(tup, desc, 7, &isnull), &n);
+	prices = int8_elems(SPI_getbinval(tup, desc, 8, &isnull), &n);
+	sellers = int8_elems(SPI_getbinval(tup, desc, 9, &isnull), &n);
+	frozen.n = n;
+	frozen.sku_ids = skus;
+	frozen.prices = prices;
+	frozen.sellers = sellers;
+	frozen.qtys = NULL;
+	frozen.total = DatumGetInt64(SPI_getbinval(tup, desc, 10, &isnull));
+
+	/* the sale: fails, changing nothing, once the reservation is not live */
+	if (!market_commit_reservation(reservation_id, &takes))
+		ereport(ERROR,
+				(errcode(MK_RESERVATION_NOT_LIVE),
+				 errmsg("checkout has expired"),
+				 errdetail("The reservation of checkout %s is no longer held: its time ran out.",
+						   uuid_cstring(checkout_id)),
+				 errhint("Begin a new checkout.")));
+
+	response = write_orders(false, checkout_id, customer, currency, &frozen, &takes, &pay, key,
+							cart_null ? NULL : DatumGetUUIDP(cart_datum));
+	SPI_finish();
+	PG_RETURN_DATUM(response);
+}
+
+/* ---------------------------------------------------------------------------
+ * buy_now
+ * ---------------------------------------------------------------------------
+ */
+
+/*
+ * market.buy_now(customer_id text, items jsonb, idempotency_key text,
+ *				  payment jsonb DEFAULT '{}', currency text DEFAULT 'USD')
+ * returns jsonb
+ */
+Datum
+market_buy_now(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr skus_plan = NULL;
+	Oid			types[1] = {INT8ARRAYOID};
+	Datum		values[1];
+	text	   *customer;
+	text	   *key;
+	text	   *currency = NULL;
+	char	   *currency_str;
+	PaymentDoc	pay;
+	ReserveLine *lines;
+	int			nlines;
+	int			nskus = 0;
+	Datum	   *sku_list;
+	int			nchars;
+	StringInfoData request;
+	Datum		response;
+	FrozenLines frozen;
+	pg_uuid_t  *checkout_id = palloc(sizeof(pg_uuid_t));
+	pg_uuid_t	reservation_id;
+	TakeList	takes = {0};
+	int			row = 0;
+
+	/* arguments, all checked before anything is written */
+	market_require_arg(fcinfo, 0, "customer_id");
+	customer = PG_GETARG_TEXT_PP(0);
+	nchars = pg_mbstrlen_with_len(VARDATA_ANY(customer), VARSIZE_ANY_EXHDR(customer));
+	if (nchars < 1 || nchars > MAX_CUSTOMER_CHARS)
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("invalid customer id"),
+				 errdetail("A customer id is 1 to %d characters.", MAX_CUSTOMER_CHARS)));
+	market_require_arg(fcinfo, 1, "items");
+	lines = market_parse_items(PG_GETARG_JSONB_P(1), &nlines);
+	key = get_key(fcinfo, 2);
+	parse_payment(fcinfo, 3, &pay);
+	if (PG_ARGISNULL(4))
+		currency_str = "NULL";
+	else
+	{
+		currency = PG_GETARG_TEXT_PP(4);
+		currency_str = text_to_cstring(currency);
+	}
+	if (PG_ARGISNULL(4) || strlen(currency_str) != 3 ||
+		strspn(currency_str, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") != 3)
+		ereport(ERROR,
+				(errcode(MK_BAD_CURRENCY),
+				 errmsg("invalid currency code"),
+				 errdetail("\"%s\" is not an ISO 4217 code.", currency_str),
+				 errhint("Use three upper-case letters, such as USD or EUR.")));
+
+	/* the request, as the key remembers it: lines are sorted and summed */
+	initStringInfo(&request);
+	fp_add(&request, "buy_now");
+	fp_add(&request, currency_str);
+	for (int i = 0; i < nlines; i++)
+		appendStringInfo(&request, "%lld/%d/%lld;", (long long) lines[i].sku_id,
+						 lines[i].warehouse_id, (long long) lines[i].qty);
+	appendStringInfoChar(&request, '|');
+	fp_add(&request, pay.method);
+	fp_add(&request, pay.psp);
+
+	/* the distinct SKUs (lines are sorted by SKU) */
+	sku_list = palloc(sizeof(Datum) * nlines);
+	for (int i = 0; i < nlines; i++)
+		if (i == 0 || lines[i].sku_id != lines[i - 1].sku_id)
+			sku_list[nskus++] = Int64GetDatum(lines[i].sku_id);
+
+	SPI_connect();
+	if (!claim_key(customer, key, "buy_now", fingerprint(&request), &response))
+	{
+		SPI_finish();
+		PG_RETURN_DATUM(response);
+	}
+
+	/* prices and sellers, frozen now */
+	market_prepare(&skus_plan,
+				   "SELECT k.id, k.price_minor, k.currency, p.seller_id"
+				   "  FROM market.skus k JOIN market.products p ON p.id = k.product_id"
+				   " WHERE k.id = ANY ($1) ORDER BY k.id",
+				   1, types);
+	values[0] = int8_array(sku_list, nskus);
+	if (SPI_execute_plan(skus_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "market: could not read the SKUs");
+	frozen_init(&frozen, nskus);
+	for (int s = 0; s < nskus; s++)
+	{
+		int64		sku_id = DatumGetInt64(sku_list[s]);
+		int64		qty = 0;
+		bool		isnull;
+		HeapTuple	tup;
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *sku_currency;
+
+		if (row >= (int) SPI_processed ||
+			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[row], desc, 1, &isnull)) != sku_id)
+			ereport(ERROR,
+					(errcode(MK_UNKNOWN_SKU),
+					 errmsg("unknown sku"),
+					 errdetail("No SKU has id %lld.", (long long) sku_id)));
+		tup = SPI_tuptable->vals[row++];
+		sku_currency = SPI_getvalue(tup, desc, 3);
+		if (strcmp(sku_currency, currency_str) != 0)
+			ereport(ERROR,
+					(errcode(MK_CURRENCY_MISMATCH),
+					 errmsg("currency mismatch"),
+					 errdetail("SKU %lld is priced in %s; the purchase is in %s.",
+							   (long long) sku_id, sku_currency, currency_str),
+					 errhint("Buy SKUs of one currency at a time, and pass it as currency.")));
+		for (int i = 0; i < nlines; i++)
+			if (lines[i].sku_id == sku_id)
+				qty += lines[i].qty;
+		frozen_add(&frozen, sku_id, qty,
+				   DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull)),
+				   DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull)));
+	}
+
+	/* reserve and sell in one step, then the orders */
+	market_generate_uuid7(checkout_id, GetCurrentTimestamp());
+	market_reserve_lines(lines, nlines, 0, owner_for(checkout_id), true,
+						 &reservation_id, NULL, &takes);
+	response = write_orders(true, checkout_id, customer, currency, &frozen, &takes, &pay, key,
+							&reservation_id);
+	SPI_finish();
+	PG_RETURN_DATUM(response);
+}
+
+/* ---------------------------------------------------------------------------
+ * purge
+ * ---------------------------------------------------------------------------
+ */
+
+/* market.idempotency_purge(max int DEFAULT 10000) returns bigint */
+Datum
+market_idempotency_purge(PG_FUNCTION_ARGS)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {TIMESTAMPTZOID, INT4OID};
+	Datum		values[2];
+	int32		max;
+	int64		deleted;
+
+	market_require_arg(fcinfo, 0, "max");
+	max = PG_GETARG_INT32(0);
+	if (max < 1)
+		ereport(ERROR,
+				(errcode(MK_INVALID_ARGUMENT),
+				 errmsg("invalid batch size"),
+				 errdetail("max was %d; it must be at least 1.", max)));
+
+	SPI_connect();
+	market_prepare(&plan,
+				   "DELETE FROM market.idempotency_keys k"
+				   " USING (SELECT customer_id, key FROM market.idempotency_keys"
+				   "         WHERE created_at < $1 ORDER BY created_at LIMIT $2"
+				   "         FOR UPDATE SKIP LOCKED) d"
+				   " WHERE k.customer_id = d.customer_id AND k.key = d.key",
+				   2, types);
+	values[0] = TimestampTzGetDatum(GetCurrentTimestamp() -
+									(int64) idempotency_retention_s * USECS_PER_SEC);
+	values[1] = Int32GetDatum(max);
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "market: could not purge idempotency keys");
+	deleted = (int64) SPI_processed;
+	SPI_finish();
+	PG_RETURN_INT64(deleted);
+}
