@@ -8,6 +8,12 @@
 #   batch     the hot SKU again with market.batch_reserve = on: the batch
 #             worker applies the reservations, many per transaction
 #   zipfbatch the zipf scenario with market.batch_reserve = on
+#   buynow    market.buy_now of a cart of 1-5 Zipf-popular SKUs (several sellers),
+#             a fresh idempotency key each time: one call per checkout
+#   checkout  the same cart through cart_create, cart_set_item per line,
+#             checkout_begin and checkout_complete: one pgbench transaction is
+#             a whole checkout of 4 calls
+#             (both at BENCH_ZIPF_CLIENTS; successes = order groups created)
 #   baseline  the textbook hot row in plain SQL:
 #             UPDATE bench_stock SET qty = qty - 1 WHERE sku = 1 AND qty >= 1
 #   zipf      market.reserve over $BENCH_SKUS SKUs with Zipf popularity
@@ -32,6 +38,7 @@
 #                       insert1 select1")
 #   BENCH_EXPIRY_CLIENTS  client count of the expiry scenario (64)
 #   BENCH_SKUS          SKUs for zipf (100000)
+#   BENCH_SELLERS       sellers the SKUs are spread over (8)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
 #   BENCH_THREADS       pgbench -j (2)
 #   BENCH_PORT          port of the throwaway cluster (55432)
@@ -53,9 +60,10 @@ repo=$(cd "$here/../.." && pwd)
 BENCH_SECONDS=${BENCH_SECONDS:-20}
 BENCH_CLIENTS=${BENCH_CLIENTS:-"16 64 256"}
 BENCH_ZIPF_CLIENTS=${BENCH_ZIPF_CLIENTS:-"64 256"}
-BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash batch baseline zipf zipfbatch expiry insert1 select1"}
+BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash batch baseline zipf zipfbatch buynow checkout expiry insert1 select1"}
 BENCH_EXPIRY_CLIENTS=${BENCH_EXPIRY_CLIENTS:-64}
 BENCH_SKUS=${BENCH_SKUS:-100000}
+BENCH_SELLERS=${BENCH_SELLERS:-8}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
 BENCH_PORT=${BENCH_PORT:-55432}
@@ -63,7 +71,7 @@ BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
 BENCH_USER=${BENCH_USER:-postgres}
 PG_CONFIG=${PG_CONFIG:-pg_config}
-export BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS \
+export BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
 	BENCH_ZIPF_S BENCH_THREADS BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
 
 bindir=$("$PG_CONFIG" --bindir)
@@ -171,9 +179,12 @@ echo "bench: catalog: $BENCH_SKUS SKUs, stock 1e9 each"
 t0=$(date +%s)
 sql "CREATE EXTENSION market"
 wh=$(sql "SELECT market.warehouse_create('bench-w1', 'Bench warehouse')")
-seller=$(sql "SELECT market.seller_create('Bench seller')")
-product=$(sql "SELECT market.product_create($seller, 'Bench product')")
-sql "SELECT count(market.sku_create($product, 'bench-' || g, 100, 'EUR'))
+# $BENCH_SELLERS sellers with one product each; SKUs go round-robin over
+# them, so a cart of several SKUs is split into several sellers' orders
+sql "SELECT count(market.product_create(market.seller_create('Bench seller ' || g), 'Bench product ' || g))
+       FROM generate_series(1, $BENCH_SELLERS) AS g" >/dev/null
+product=$(sql "SELECT min(id) FROM market.products")
+sql "SELECT count(market.sku_create($product + (g - 1) % $BENCH_SELLERS, 'bench-' || g, 100, 'EUR'))
        FROM generate_series(1, $BENCH_SKUS) AS g" >/dev/null
 base=$(sql "SELECT min(id) FROM market.skus")
 # in chunks of 1000, one transaction each: stock_set takes a transaction-level
@@ -231,6 +242,28 @@ cat >"$work/expiry.sql" <<EOF
 \\set sku :base + :r - 1
 SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]', '2 seconds');
 EOF
+# a cart: n in 1..5 SKUs drawn with Zipf popularity
+cart_vars='\set n random(1, 5)'
+for i in 1 2 3 4 5; do
+	cart_vars="$cart_vars
+\\set r$i random_zipfian(1, :nskus, $BENCH_ZIPF_S)
+\\set s$i :base + :r$i - 1"
+done
+cat >"$work/buynow.sql" <<EOF
+$cart_vars
+SELECT market.buy_now('bench-' || :client_id,
+       (SELECT jsonb_agg(jsonb_build_object('sku_id', s, 'qty', 1))
+          FROM unnest((ARRAY[:s1, :s2, :s3, :s4, :s5]::bigint[])[1:(:n)]) AS s),
+       gen_random_uuid()::text, '{"method": "pm_card_visa"}', 'EUR');
+EOF
+cat >"$work/checkout.sql" <<EOF
+$cart_vars
+SELECT market.cart_create('bench-' || :client_id, 'EUR') AS cart \\gset
+SELECT count(market.cart_set_item(':cart'::uuid, s, 1))
+  FROM unnest((ARRAY[:s1, :s2, :s3, :s4, :s5]::bigint[])[1:(:n)]) AS s;
+SELECT market.checkout_begin(':cart'::uuid) AS co \\gset
+SELECT market.checkout_complete(':co'::uuid, gen_random_uuid()::text, '{"method": "pm_card_visa"}');
+EOF
 cat >"$work/insert1.sql" <<'EOF'
 INSERT INTO bench_insert DEFAULT VALUES;
 EOF
@@ -268,6 +301,7 @@ run_point() {
 	case $scenario in
 	hot | flash | zipf | expiry | batch | zipfbatch) clean_reservations ;;
 	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
+	buynow | checkout) before=$(sql "SELECT count(*) FROM market.order_groups") ;;
 	esac
 	sql "CHECKPOINT"
 
@@ -306,6 +340,10 @@ run_point() {
 		successes=$(($(sql "SELECT qty FROM bench_stock WHERE sku = 1") - before))
 		successes=${successes#-}
 		;;
+	buynow | checkout)
+		successes=$(($(sql "SELECT count(*) FROM market.order_groups") - before))
+		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
+		;;
 	select1 | insert1) successes=$processed ;;
 	esac
 
@@ -328,6 +366,8 @@ for scenario in $BENCH_SCENARIOS; do
 	flash) for c in $BENCH_CLIENTS; do run_point flash "$c" flash.sql; done ;;
 	batch) for c in $BENCH_CLIENTS; do run_point batch "$c" hot.sql; done ;;
 	zipfbatch) for c in $BENCH_ZIPF_CLIENTS; do run_point zipfbatch "$c" zipf.sql; done ;;
+	buynow) for c in $BENCH_ZIPF_CLIENTS; do run_point buynow "$c" buynow.sql; done ;;
+	checkout) for c in $BENCH_ZIPF_CLIENTS; do run_point checkout "$c" checkout.sql; done ;;
 	insert1) for c in $BENCH_CLIENTS; do run_point insert1 "$c" insert1.sql; done ;;
 	expiry)
 		run_point expiry "$BENCH_EXPIRY_CLIENTS" expiry.sql
