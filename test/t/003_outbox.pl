@@ -307,6 +307,21 @@ listen_for($listener, 1, 0);    # whatever the start-up sent
 			"SELECT coalesce(sum(calls), 0) > 0 FROM pg_stat_user_functions
 			  WHERE schemaname = 'market' AND funcname = 'idempotency_purge'", 30),
 		'market.idempotency_purge(int) is called by the notifier');
+	if ($has_purge eq 't')
+	{
+		# the real purge: a key past market.idempotency_retention (24 h) goes,
+		# a young one stays
+		sql(q{INSERT INTO market.idempotency_keys
+				(customer_id, key, operation, fingerprint, response, created_at)
+			  VALUES ('tap6', 'old', 'buy_now', '\x00', '{}', now() - interval '3 days'),
+					 ('tap6', 'young', 'buy_now', '\x00', '{}', now())});
+		ok(wait_until(
+				"SELECT count(*) = 0 FROM market.idempotency_keys WHERE customer_id = 'tap6' AND key = 'old'",
+				30),
+			'an idempotency key past its retention is purged with nobody calling');
+		is(sql("SELECT count(*) FROM market.idempotency_keys WHERE customer_id = 'tap6' AND key = 'young'"),
+			'1', 'a young idempotency key stays');
+	}
 	sql('ALTER SYSTEM RESET market.outbox_retention');
 	sql('SELECT pg_reload_conf()');
 	if ($has_purge ne 't')

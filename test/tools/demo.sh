@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# `make demo`: a throwaway cluster, a small catalog and a flash sale.
+# `make demo`: a throwaway cluster, a small catalog and a flash sale through
+# carts, checkout and orders.
 #
 # Installs the Debian packages, builds and installs the extension, then, as
 # the postgres OS user (or as yourself when not root), creates a cluster in
 # a scratch directory with market and pg_cron preloaded, loads a catalog and
-# lets 32 concurrent pgbench clients fight over one hot SKU.  About half the
-# reservations are committed (sold); the rest are left to expire after a
-# 3-second TTL so that the expiry worker returns their units.  The report at
+# lets 32 concurrent pgbench clients fight over one hot SKU: each is a
+# customer who fills a cart and begins checkout (which reserves).  About half
+# pay (checkout_complete: orders per seller, a payment, outbox rows); the
+# rest walk away and their 3-second checkouts expire, so that the expiry
+# worker returns their units.  Then some orders are shipped and some
+# cancelled (their units go back).  The report at
 # the end checks that nothing was oversold and that market.verify_inventory()
 # finds nothing wrong.  The cluster and the scratch directory are removed on
 # exit.
@@ -157,57 +161,72 @@ END
 $$;
 EOF
 HOT=$(q "SELECT id FROM demo.ids WHERE name = 'hot_sku'")
+# the second line some customers add: another seller's dripper, plenty of it
+EXTRA=$(q "SELECT id FROM market.skus WHERE sku_code = 'KC-DRIP-WHT'")
 W1=$(q "SELECT id FROM market.warehouses WHERE code = 'fra-1'")
 W2=$(q "SELECT id FROM market.warehouses WHERE code = 'ams-1'")
 # the hot SKU's units: 70 % in the preferred warehouse, the rest in the other
 q "SELECT market.stock_set($HOT, $W1, $(( UNITS * 7 / 10 ))), market.stock_set($HOT, $W2, $(( UNITS - UNITS * 7 / 10 )))" >/dev/null
+q "SELECT market.stock_set($EXTRA, $W2, $(( CLIENTS * TX * 2 )))" >/dev/null
 echo "$(q "SELECT count(*) FROM market.sellers") sellers, $(q "SELECT count(*) FROM market.products") products, $(q "SELECT count(*) FROM market.skus") SKUs, $(q "SELECT count(*) FROM market.warehouses") warehouses, $(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels") units on hand"
 "${PSQL[@]}" -d market_demo -c "SELECT k.sku_code, w.code AS warehouse, l.on_hand, l.free, l.slots
   FROM market.stock_levels l JOIN market.skus k ON k.id = l.sku_id JOIN market.warehouses w ON w.id = l.warehouse_id
  WHERE l.sku_id = $HOT ORDER BY w.priority"
 
-# The shop connects as a market_app member, as an application would.  It
-# reserves one unit; when the hot SKU is sold out the reservation fails with
-# MK001, which the shop takes as "sold out", not as an error.
+# The shop connects as a market_app member, as an application would.  A
+# customer puts one unit of the hot SKU in a cart (with a cheap second SKU
+# of another seller half of the time) and begins checkout, which reserves
+# the cart; when the hot SKU is sold out that fails with MK001, which the
+# shop takes as "sold out", not as an error.
 "${PSQL[@]}" -d market_demo <<EOF
 CREATE ROLE shop LOGIN IN ROLE market_app;
-CREATE FUNCTION demo.try_reserve(sku bigint, ttl interval) RETURNS text
+CREATE FUNCTION demo.try_checkout(customer text, sku bigint, extra bigint, ttl interval) RETURNS text
 LANGUAGE plpgsql AS \$\$
+DECLARE
+	cart uuid := market.cart_create(customer, 'EUR');
 BEGIN
-	RETURN market.reserve(jsonb_build_array(jsonb_build_object('sku_id', sku, 'qty', 1)), ttl)::text;
+	PERFORM market.cart_set_item(cart, sku, 1);
+	IF extra IS NOT NULL THEN
+		PERFORM market.cart_set_item(cart, extra, 1);
+	END IF;
+	RETURN market.checkout_begin(cart, ttl)::text;
 EXCEPTION WHEN SQLSTATE 'MK001' THEN
 	RETURN 'sold-out';
 END
 \$\$;
--- Paying for a reservation that has already expired fails with MK002: the
--- shop tells the customer, and the demo counts it.
+-- Paying: checkout_complete turns the checkout into one order per seller, a
+-- payment to authorize and the outbox rows for the PSP worker, all in one
+-- transaction.  Paying after the checkout expired fails with MK002: the shop
+-- tells the customer, and the demo counts it.
 CREATE SEQUENCE demo.late_payments;
-CREATE FUNCTION demo.try_commit(rid text) RETURNS bigint
+CREATE FUNCTION demo.try_pay(co text, customer text) RETURNS text
 LANGUAGE plpgsql AS \$\$
 BEGIN
-	IF rid = 'sold-out' THEN
-		RETURN 0;
+	IF co = 'sold-out' THEN
+		RETURN 'none';
 	END IF;
-	RETURN market.reservation_commit(rid::uuid);
+	RETURN market.checkout_complete(co::uuid, 'pay-' || co, '{"method": "pm_card_visa"}', customer)->>'order_group';
 EXCEPTION WHEN SQLSTATE 'MK002' THEN
 	PERFORM nextval('demo.late_payments');
-	RETURN 0;
+	RETURN 'late';
 END
 \$\$;
 GRANT USAGE ON SCHEMA demo TO shop;
-GRANT EXECUTE ON FUNCTION demo.try_reserve(bigint, interval), demo.try_commit(text) TO shop;
+GRANT EXECUTE ON FUNCTION demo.try_checkout(text, bigint, bigint, interval), demo.try_pay(text, text) TO shop;
 GRANT USAGE ON SEQUENCE demo.late_payments TO shop;
 EOF
 
-# Every transaction tries to reserve one unit; a coin decides whether the
-# customer pays (reservation_commit, a separate transaction) or walks away
-# and lets the reservation expire.  pgbench retries a transaction that hit a
-# deadlock or a serialization failure (--max-tries).
+# Every transaction is a customer: cart and checkout_begin; a coin decides
+# whether the customer pays (checkout_complete, a separate transaction) or
+# walks away and lets the checkout's reservation expire.  pgbench retries a
+# transaction that hit a deadlock or a serialization failure (--max-tries).
 cat >"$SCRATCH/flash_sale.sql" <<EOF
 \\set pay random(0, 1)
-SELECT demo.try_reserve($HOT, '$TTL_S seconds') AS rid \\gset
+\\set two random(0, 1)
+SELECT demo.try_checkout('customer-' || :client_id || '-' || random(), $HOT,
+       CASE WHEN :two = 1 THEN $EXTRA END, '$TTL_S seconds') AS co \\gset
 \\if :pay
-SELECT demo.try_commit(':rid');
+SELECT demo.try_pay(':co', NULL);
 \\endif
 EOF
 [ "$(id -u)" -eq 0 ] && chown postgres "$SCRATCH/flash_sale.sql"
@@ -293,6 +312,48 @@ else
 	echo "audit: VIOLATIONS"
 	echo "$AUDIT"
 fi
+
+# ---------------------------------------------------------------------------
+# orders: what checkout made of the sale, then some fulfilment
+# ---------------------------------------------------------------------------
+step "orders: one order per seller per paid checkout"
+ORDER_GROUPS=$(q "SELECT count(*) FROM market.order_groups")
+"${PSQL[@]}" -d market_demo -c "SELECT s.name AS seller, count(*) AS orders, (sum(o.subtotal_minor) / 100.0)::numeric(12, 2) AS revenue_eur
+  FROM market.orders o JOIN market.sellers s ON s.id = o.seller_id GROUP BY s.name ORDER BY s.name"
+"${PSQL[@]}" -d market_demo -c "SELECT CASE WHEN status = 'open' AND expires_at <= now() THEN 'expired (never paid)' ELSE status END AS checkout,
+       count(*) FROM market.checkouts GROUP BY 1 ORDER BY 1"
+"${PSQL[@]}" -d market_demo -c "SELECT topic, event_type, count(*) AS outbox_rows FROM market.outbox GROUP BY 1, 2 ORDER BY 1, 2"
+[ "$ORDER_GROUPS" -eq "$COMMITTED" ] || problems+=("$ORDER_GROUPS order groups for $COMMITTED committed checkouts of the hot SKU")
+[ "$(q "SELECT count(*) FROM market.payments WHERE status = 'pending'")" -eq "$ORDER_GROUPS" ] \
+	|| problems+=("not one pending payment per order group")
+[ "$(q "SELECT count(*) FROM market.outbox WHERE topic = 'psp' AND event_type = 'payment.authorize'")" -eq "$ORDER_GROUPS" ] \
+	|| problems+=("not one payment.authorize job per order group")
+
+step "fulfilment: 3 orders confirmed and shipped, 3 cancelled (their units go back)"
+AVAIL_BEFORE=$(q "SELECT market.available($HOT)")
+"${PSQL[@]}" -d market_demo -c "SELECT o.id AS order_id, market.order_transition(o.id, 'confirmed', 'demo: payment authorized') AS confirmed,
+       market.order_transition(o.id, 'shipped', 'demo: handed to the carrier') AS now
+  FROM (SELECT id FROM market.orders WHERE status = 'created' AND seller_id =
+          (SELECT seller_id FROM market.orders o JOIN market.order_lines l ON l.order_id = o.id WHERE l.sku_id = $HOT LIMIT 1)
+        ORDER BY id LIMIT 3) o"
+CANCELLED_UNITS=$(q "WITH c AS (SELECT o.id FROM market.orders o JOIN market.order_lines l ON l.order_id = o.id
+                      WHERE o.status = 'created' AND l.sku_id = $HOT ORDER BY o.id DESC LIMIT 3)
+  SELECT coalesce(sum(l.qty), 0) FROM c JOIN market.order_lines l ON l.order_id = c.id AND l.sku_id = $HOT
+   WHERE market.order_transition(c.id, 'cancelled', 'demo: customer changed their mind') = 'cancelled'")
+AVAIL_AFTER=$(q "SELECT market.available($HOT)")
+echo "cancelled units of the hot SKU: $CANCELLED_UNITS; available $AVAIL_BEFORE -> $AVAIL_AFTER"
+"${PSQL[@]}" -d market_demo -c "SELECT status, count(*) AS orders FROM market.orders GROUP BY status ORDER BY status"
+[ "$AVAIL_AFTER" -eq $(( AVAIL_BEFORE + CANCELLED_UNITS )) ] \
+	|| problems+=("cancelling $CANCELLED_UNITS units moved available from $AVAIL_BEFORE to $AVAIL_AFTER")
+AUDIT=$("${PSQL[@]}" -d market_demo -c "SELECT * FROM market.verify_inventory()" -P footer=off -A -F ' | ' -t)
+if [ -z "$AUDIT" ]; then
+	echo "audit after fulfilment: clean"
+else
+	echo "audit after fulfilment: VIOLATIONS"
+	echo "$AUDIT"
+	problems+=("verify_inventory() found violations after fulfilment")
+fi
+
 if [ ${#problems[@]} -gt 0 ]; then
 	printf 'PROBLEM: %s\n' "${problems[@]}"
 	exit 1
