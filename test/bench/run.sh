@@ -419,6 +419,10 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 		if (s == "baseline") return "baseline UPDATE, 1 hot row"
 		if (s == "zipf") return sprintf("market.reserve, %d SKUs, Zipf s=%s", nskus, zs)
 		if (s == "select1") return "SELECT 1 (ceiling)"
+		if (s == "batch") return "market.reserve, 1 hot SKU, batch_reserve = on"
+		if (s == "zipfbatch") return sprintf("market.reserve, %d SKUs, Zipf s=%s, batch_reserve = on", nskus, zs)
+		if (s == "buynow") return sprintf("buy_now, carts of 1-5 SKUs (Zipf), checkouts/s", nskus)
+		if (s == "checkout") return "cart + checkout_begin + checkout_complete, checkouts/s"
 		return s
 	}
 	function ratio(v, b) { return (b > 0) ? sprintf("%.2f", v / b) : "-" }
