@@ -163,6 +163,9 @@ market_warehouse_exists(int32 warehouse_id)
 	return run_plan(plan, values, SPI_OK_SELECT, 1) > 0;
 }
 
+/* fitting slots claim_slot try-locks before it queues on one */
+#define SLOT_PROBES		4
+
 /* slot_locktag fills the advisory lock tag that guards one slot. */
 static void
 slot_locktag(LOCKTAG *tag, int64 sku_id, int32 warehouse_id, int32 slot)
@@ -217,11 +220,14 @@ take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
  * claim_slot is the fast path and the slot wait.  It first tries the
  * backend's home slot (pid modulo the slot count: with as many slots as
  * sessions, every session has a slot of its own).  Failing that, it reads
- * which slots hold at least qty free units and tries their advisory locks
- * without waiting, starting at a slot picked by pid so that concurrent
- * sessions spread out; the first slot it locks that still has the units is
- * taken.  When every such slot is busy it queues on one of them.  Returns
- * the slot taken, or -1.
+ * which slots hold at least qty free units and tries the advisory locks of
+ * at most SLOT_PROBES of them without waiting, starting at a slot picked by
+ * pid so that concurrent sessions spread out; the first slot it locks that
+ * still has the units is taken.  When those are busy it queues on one of
+ * them.  The probes are bounded because every try-lock goes through the
+ * shared lock table's partition locks: with hundreds of sessions on one
+ * SKU, scanning every slot made the lock manager itself the bottleneck.
+ * Returns the slot taken, or -1.
  */
 static int32
 claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
@@ -263,7 +269,7 @@ claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 		fits[i] = (int32) get_int64(i, 1, NULL);
 
 	start = MyProcPid % nfit;
-	for (int k = 0; k < nfit; k++)
+	for (int k = 0; k < Min(nfit, SLOT_PROBES); k++)
 	{
 		int32		slot = fits[(start + k) % nfit];
 

@@ -299,7 +299,10 @@ run_point() {
 	mkdir -p "$dir"
 	local before=0
 	case $scenario in
-	hot | flash | zipf | expiry | batch | zipfbatch) clean_reservations ;;
+	hot | flash | zipf | expiry | batch | zipfbatch)
+		clean_reservations
+		before=$(sql "SELECT count(*) FROM market.reservations")
+		;;
 	baseline) before=$(sql "SELECT qty FROM bench_stock WHERE sku = 1") ;;
 	buynow | checkout) before=$(sql "SELECT count(*) FROM market.order_groups") ;;
 	esac
@@ -333,7 +336,7 @@ run_point() {
 
 	case $scenario in
 	hot | flash | zipf | expiry | batch | zipfbatch)
-		successes=$(sql "SELECT count(*) FROM market.reservations")
+		successes=$(($(sql "SELECT count(*) FROM market.reservations") - before))
 		audit=$(sql "SELECT count(*) FROM market.verify_inventory()")
 		;;
 	baseline)
