@@ -45,6 +45,7 @@
 #   BENCH_SYNC_COMMIT   synchronous_commit of the cluster (on; "off" shows
 #                       what is left when the disk flush is not waited for)
 #   BENCH_OUT           markdown result (test/bench/results/latest.md)
+#   BENCH_PG_CONF       extra postgresql.conf lines, e.g. "deadlock_timeout = 10s"
 #   BENCH_KEEP=1        keep the cluster directory afterwards
 #   BENCH_USER          OS user to run as when started as root (postgres)
 #   PG_CONFIG           pg_config to use (pg_config)
@@ -71,7 +72,7 @@ BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
 BENCH_USER=${BENCH_USER:-postgres}
 PG_CONFIG=${PG_CONFIG:-pg_config}
-export BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
+export BENCH_PG_CONF BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
 	BENCH_ZIPF_S BENCH_THREADS BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
 
 bindir=$("$PG_CONFIG" --bindir)
@@ -171,6 +172,7 @@ shared_buffers = 1GB
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 log_min_messages = warning
+${BENCH_PG_CONF:-}
 EOF
 "$bindir/pg_ctl" -D "$data" -l "$work/server.log" -w -t 120 start >/dev/null
 "${PSQL[@]}" -d postgres -c "CREATE DATABASE $db"
