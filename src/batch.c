@@ -203,17 +203,7 @@ market_define_batch_gucs(void)
 void
 market_register_batch_worker(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "market");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "market_batch_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "market batch worker");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "market batch worker");
-	RegisterBackgroundWorker(&worker);
+	market_register_static_worker("market_batch_worker_main", "market batch worker");
 }
 
 /* ---------------------------------------------------------------------------

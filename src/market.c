@@ -17,6 +17,7 @@
 #include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -232,6 +233,27 @@ market_note_expiry(TimestampTz expires_at)
 	}
 	if (pending_expiry == 0 || expires_at < pending_expiry)
 		pending_expiry = expires_at;
+}
+
+/*
+ * market_register_static_worker registers one of the extension's static
+ * background workers: connected to market.database once recovery is over,
+ * restarted one second after it exits, named the same in pg_stat_activity.
+ */
+void
+market_register_static_worker(const char *function_name, const char *name)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "market");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", function_name);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "%s", name);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", name);
+	RegisterBackgroundWorker(&worker);
 }
 
 /* market_require_arg raises MK020 when a required argument is NULL. */

@@ -129,6 +129,7 @@ typedef struct TakeList
 /* src/market.c */
 extern void market_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern void market_note_expiry(TimestampTz expires_at);
+extern void market_register_static_worker(const char *function_name, const char *name);
 
 /* src/inventory.c: the slot engine; callers are inside SPI_connect */
 extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,

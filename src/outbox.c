@@ -153,17 +153,7 @@ outbox_shmem_startup(void)
 static void
 register_notifier(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "market");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "market_outbox_notifier_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "market outbox notifier");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "market outbox notifier");
-	RegisterBackgroundWorker(&worker);
+	market_register_static_worker("market_outbox_notifier_main", "market outbox notifier");
 }
 
 /*

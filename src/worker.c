@@ -54,17 +54,7 @@ PG_FUNCTION_INFO_V1(market_worker_status);
 void
 market_register_worker(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "market");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "market_expiry_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "market expiry worker");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "market expiry worker");
-	RegisterBackgroundWorker(&worker);
+	market_register_static_worker("market_expiry_worker_main", "market expiry worker");
 }
 
 /* worker_detach clears the worker's identity from shared memory on exit. */
