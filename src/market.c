@@ -141,6 +141,7 @@ void
 _PG_init(void)
 {
 	market_outbox_init();		/* outbox GUCs, notifier (src/outbox.c) */
+	market_psp_init();			/* PSP GUCs, PSP worker (src/psp_worker.c) */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
