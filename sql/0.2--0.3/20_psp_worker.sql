@@ -384,16 +384,16 @@ BEGIN
 	END IF;
 	FOR r IN SELECT * FROM jsonb_array_elements(results)
 	LOOP
-		SELECT * INTO t FROM market.payment_attempts x WHERE x.id = (r ->> 'attempt_id')::bigint FOR UPDATE;
-		CONTINUE WHEN NOT FOUND OR t.outcome <> 'pending';
-		SELECT * INTO m FROM market.outbox x WHERE x.id = t.outbox_id FOR UPDATE;
-		CONTINUE WHEN NOT FOUND OR m.acked_at IS NOT NULL OR m.dead_at IS NOT NULL;
-		SELECT * INTO p FROM market.payments x WHERE x.id = t.payment_id FOR UPDATE;
 		v_outcome := r ->> 'outcome';
 		IF v_outcome IS NULL OR v_outcome NOT IN ('succeeded', 'hard_decline', 'soft_decline',
 				'rejected', 'unreachable', 'unknown') THEN
 			RAISE EXCEPTION 'invalid outcome "%"', v_outcome USING ERRCODE = 'MK021';
 		END IF;
+		SELECT * INTO t FROM market.payment_attempts x WHERE x.id = (r ->> 'attempt_id')::bigint FOR UPDATE;
+		CONTINUE WHEN NOT FOUND OR t.outcome <> 'pending';
+		SELECT * INTO m FROM market.outbox x WHERE x.id = t.outbox_id FOR UPDATE;
+		CONTINUE WHEN NOT FOUND OR m.acked_at IS NOT NULL OR m.dead_at IS NOT NULL;
+		SELECT * INTO p FROM market.payments x WHERE x.id = t.payment_id FOR UPDATE;
 		v_err := left(r ->> 'error', 2000);
 		v_n := v_n + 1;
 
