@@ -17,17 +17,20 @@ OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 # from the parts in sql/<from>--<to>/.  CREATE EXTENSION runs the 0.1
 # script and then the updates, so fresh and upgraded databases are alike.
 UPDATE_SCRIPTS = sql/market--0.1--0.2.sql
+UPDATE_SCRIPTS += sql/market--0.2--0.3.sql
 DATA = sql/market--0.1.sql
 DATA_built = $(UPDATE_SCRIPTS)
 EXTRA_CLEAN = $(UPDATE_SCRIPTS)
 
 PG_CPPFLAGS = -Isrc
 PG_CFLAGS = -Werror -Wmissing-prototypes -Wshadow=compatible-local
+# the PSP worker's HTTP client (src/psp_worker.c)
+SHLIB_LINK += -lcurl
 
 # pg_regress suites: behaviour and bad input (sql/ + expected/)
 # (listed in run order; a name without its sql/<name>.sql is left out)
 REGRESS_ORDER = catalog stock reserve reservation_lifecycle expiry privileges verify \
-	upgrade cart checkout orders outbox batch
+	upgrade cart checkout orders outbox payments batch
 REGRESS = $(filter $(basename $(notdir $(wildcard sql/*.sql))),$(REGRESS_ORDER))
 REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
 
@@ -44,6 +47,9 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 sql/market--0.1--0.2.sql: $(sort $(wildcard sql/0.1--0.2/*.sql))
+	cat $^ > $@
+
+sql/market--0.2--0.3.sql: $(sort $(wildcard sql/0.2--0.3/*.sql))
 	cat $^ > $@
 
 .PHONY: test demo bench test-psp tmp_check_dir

@@ -143,6 +143,7 @@ _PG_init(void)
 {
 	market_outbox_init();		/* outbox GUCs, notifier (src/outbox.c) */
 	market_checkout_define_gucs();	/* before define_gucs reserves the prefix */
+	market_psp_init();			/* PSP GUCs, PSP worker (src/psp_worker.c) */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)

@@ -191,4 +191,7 @@ extern void market_register_worker(void);
 /* src/outbox.c */
 extern void market_outbox_init(void);
 
+/* src/psp_worker.c */
+extern void market_psp_init(void);
+
 #endif							/* MARKET_H */

@@ -18,13 +18,13 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(330);
+SELECT plan(363);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
 -- ---------------------------------------------------------------------------
 SELECT has_extension('market');
-SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.2', 'market is at version 0.2');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.3', 'market is at version 0.3');
 SELECT is((SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 			WHERE e.extname = 'market'), 'market', 'the extension lives in schema market');
 SELECT has_schema('market');
@@ -42,7 +42,8 @@ SELECT is(pg_has_role('market_admin', 'market_app', 'MEMBER'), false, 'market_ad
 -- ---------------------------------------------------------------------------
 SELECT tables_are('market', ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock',
 	'stock_slots', 'reservations', 'stock_ledger', 'carts', 'cart_items', 'order_groups',
-	'orders', 'order_lines', 'order_events', 'payments', 'outbox', 'checkouts', 'idempotency_keys']);
+	'orders', 'order_lines', 'order_events', 'payments', 'outbox', 'checkouts', 'idempotency_keys',
+	'psp_accounts', 'payment_attempts']);
 SELECT views_are('market', ARRAY['reservation_lines', 'stock_levels']);
 SELECT columns_are('market', 'sellers', ARRAY['id', 'name', 'created_at']);
 SELECT columns_are('market', 'products', ARRAY['id', 'seller_id', 'title', 'description', 'brand',
@@ -99,7 +100,30 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
 	'outbox_notifier', 'outbox_wake', 'batch_status',
 	'cart_create', 'cart_set_item', 'cart_view', 'checkout_begin', 'checkout_complete', 'buy_now',
-	'idempotency_purge']);
+	'idempotency_purge',
+	'psp_register', 'psp_set_enabled', 'payment_view', 'psp_status', 'psp_breakers', 'psp_claim',
+	'psp_record', 'psp_plan', 'psp_backoff', 'psp_reschedule', 'psp_dead', 'psp_orders_to',
+	'psp_queue_reconcile']);
+SELECT columns_are('market', 'psp_accounts', ARRAY['id', 'name', 'kind', 'base_url', 'credentials',
+	'priority', 'options', 'enabled', 'created_at']);
+
+-- payments (docs/payments.md)
+SELECT has_function('market', 'psp_register', ARRAY['text', 'text', 'text', 'jsonb', 'integer', 'jsonb']);
+SELECT has_function('market', 'psp_set_enabled', ARRAY['text', 'boolean']);
+SELECT has_function('market', 'payment_view', ARRAY['bigint']);
+SELECT has_function('market', 'psp_status', '{}'::name[]);
+SELECT function_returns('market', 'psp_register', ARRAY['text', 'text', 'text', 'jsonb', 'integer', 'jsonb'], 'integer');
+SELECT function_returns('market', 'psp_set_enabled', ARRAY['text', 'boolean'], 'void');
+SELECT function_returns('market', 'payment_view', ARRAY['bigint'], 'jsonb');
+SELECT function_returns('market', 'psp_status', '{}'::name[], 'setof record');
+SELECT is(pg_get_function_arguments('market.psp_register(text, text, text, jsonb, integer, jsonb)'::regprocedure),
+	'name text, kind text, base_url text, credentials jsonb, priority integer DEFAULT 100, options jsonb DEFAULT ''{}''::jsonb',
+	'psp_register arguments');
+SELECT is(pg_get_function_arguments('market.payment_view(bigint)'::regprocedure),
+	'payment_id bigint', 'payment_view arguments');
+SELECT is(pg_get_function_result('market.psp_status()'::regprocedure),
+	'TABLE(account text, kind text, priority integer, enabled boolean, breaker text, failures_in_row integer, in_flight integer, calls_5min bigint, success_rate numeric, avg_latency_ms numeric, oldest_pending_job interval, worker_pid integer)',
+	'psp_status result columns');
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -288,6 +312,19 @@ SELECT is_definer('market', 'outbox_cleanup', ARRAY['integer']);
 SELECT is_definer('market', 'outbox_status', '{}'::name[]);
 SELECT is_definer('market', 'outbox_notifier', '{}'::name[]);
 SELECT isnt_definer('market', 'outbox_wake', '{}'::name[]);
+SELECT is_definer('market', 'psp_register', ARRAY['text', 'text', 'text', 'jsonb', 'integer', 'jsonb']);
+SELECT is_definer('market', 'psp_set_enabled', ARRAY['text', 'boolean']);
+SELECT is_definer('market', 'payment_view', ARRAY['bigint']);
+SELECT is_definer('market', 'psp_status', '{}'::name[]);
+SELECT is_definer('market', 'psp_breakers', '{}'::name[]);
+SELECT is_definer('market', 'psp_claim', ARRAY['text', 'integer', 'integer[]', 'integer[]', 'interval']);
+SELECT is_definer('market', 'psp_record', ARRAY['text', 'jsonb']);
+SELECT is_definer('market', 'psp_plan', ARRAY['market.outbox_message', 'text', 'integer[]']);
+SELECT is_definer('market', 'psp_backoff', ARRAY['integer']);
+SELECT is_definer('market', 'psp_reschedule', ARRAY['bigint', 'interval', 'text']);
+SELECT is_definer('market', 'psp_dead', ARRAY['bigint', 'text']);
+SELECT is_definer('market', 'psp_orders_to', ARRAY['bigint', 'text', 'text']);
+SELECT is_definer('market', 'psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer']);
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
 		  NULL, 'no market function is STRICT');
@@ -300,7 +337,7 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 		  NULL, 'no market function claims to be IMMUTABLE');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 's'),
-		  ARRAY['available', 'cart_view', 'order_transitions', 'order_view', 'verify_inventory'],
+		  ARRAY['available', 'cart_view', 'order_transitions', 'order_view', 'payment_view', 'verify_inventory'],
 		  'only the read-only functions are STABLE');
 SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
 			WHERE p.pronamespace = 'market'::regnamespace AND NOT r.rolsuper),
@@ -574,6 +611,22 @@ SELECT throws_ok(format('SELECT market.buy_now(''tap-customer'', ''[{"sku_id": %
 SELECT throws_ok('SELECT market.idempotency_purge(0)', 'MK020', NULL, 'idempotency_purge: max 0 raises MK020');
 SELECT is(market.idempotency_purge(), 0::bigint, 'idempotency_purge keeps young keys');
 SELECT is_empty('SELECT * FROM market.verify_inventory()', 'verify_inventory is clean after checkouts');
+-- 0.3 payments: MK070 .. MK076 from psp_register, payment_view, psp_set_enabled
+SELECT throws_ok('SELECT market.psp_register(''tap-x'', ''worldpay'', ''https://x.example'', ''{"secret_key": "sk_1"}'')',
+	'MK070', NULL, 'psp_register: an unknown kind raises MK070');
+SELECT throws_ok('SELECT market.psp_register(''tap-x'', ''stripe'', ''ftp://x.example'', ''{"secret_key": "sk_1"}'')',
+	'MK071', NULL, 'psp_register: a bad URL raises MK071');
+SELECT throws_ok('SELECT market.psp_register(''tap-x'', ''adyen'', ''https://x.example'', ''{"api_key": "k"}'')',
+	'MK072', NULL, 'psp_register: missing credentials raise MK072');
+SELECT lives_ok('SELECT market.psp_register(''tap-x'', ''stripe'', ''https://x.example'', ''{"secret_key": "sk_1"}'')',
+	'psp_register: a good account');
+SELECT throws_ok('SELECT market.psp_register(''tap-x'', ''stripe'', ''https://x.example'', ''{"secret_key": "sk_1"}'')',
+	'MK073', NULL, 'psp_register: a duplicate name raises MK073');
+SELECT throws_ok('SELECT market.psp_set_enabled(''tap-none'', false)',
+	'MK074', NULL, 'psp_set_enabled: an unknown account raises MK074');
+SELECT throws_ok('SELECT market.payment_view(-1)', 'MK075', NULL, 'payment_view: an unknown payment raises MK075');
+SELECT throws_ok('SELECT market.psp_register(''tap-y'', ''stripe'', ''https://x.example'', ''{"secret_key": "sk_1"}'', -5)',
+	'MK076', NULL, 'psp_register: a bad priority raises MK076');
 
 SELECT * FROM finish();
 ROLLBACK;

@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(283);
+SELECT plan(345);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -51,6 +51,16 @@ SELECT table_privs_are('market', t, 'public', '{}'::text[],
 SELECT table_privs_are('market', 'outbox', 'market_admin', ARRAY['SELECT'], 'market_admin may only SELECT from market.outbox');
 SELECT table_privs_are('market', 'outbox', 'market_app', '{}'::text[], 'market_app has no privilege on market.outbox');
 SELECT table_privs_are('market', 'outbox', 'public', '{}'::text[], 'PUBLIC has no privilege on market.outbox');
+-- payments: the attempts are read by market_admin; the PSP accounts only
+-- column by column, never the credentials
+SELECT table_privs_are('market', 'payment_attempts', 'market_admin', ARRAY['SELECT'], 'market_admin may only SELECT from market.payment_attempts');
+SELECT table_privs_are('market', t, r, '{}'::text[], format('%s has no privilege on market.%s', r, t))
+  FROM unnest(ARRAY['payment_attempts', 'psp_accounts']) t, unnest(ARRAY['market_app', 'public']) r
+ WHERE NOT (t = 'payment_attempts' AND r = 'market_admin');
+SELECT table_privs_are('market', 'psp_accounts', 'market_admin', '{}'::text[], 'market_admin has no table-wide privilege on market.psp_accounts');
+SELECT column_privs_are('market', 'psp_accounts', 'credentials', r, '{}'::text[], format('%s may not read the PSP credentials', r))
+  FROM unnest(ARRAY['market_admin', 'market_app', 'public']) r;
+SELECT column_privs_are('market', 'psp_accounts', 'name', 'market_admin', ARRAY['SELECT'], 'market_admin may read the account names');
 SELECT is((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
 			WHERE c.relnamespace = 'market'::regnamespace AND c.relkind = 'S'
 			  AND (has_sequence_privilege('market_app', c.oid, 'USAGE, UPDATE, SELECT')
@@ -105,7 +115,20 @@ INSERT INTO fn VALUES
 	('checkout_begin', ARRAY['uuid', 'interval'], true, true),
 	('checkout_complete', ARRAY['uuid', 'text', 'jsonb', 'text'], true, true),
 	('buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text'], true, true),
-	('idempotency_purge', ARRAY['integer'], false, true);
+	('idempotency_purge', ARRAY['integer'], false, true),
+	('psp_register', ARRAY['text', 'text', 'text', 'jsonb', 'integer', 'jsonb'], false, true),
+	('psp_set_enabled', ARRAY['text', 'boolean'], false, true),
+	('payment_view', ARRAY['bigint'], true, true),
+	('psp_status', '{}', false, true),
+	('psp_breakers', '{}', false, false),
+	('psp_claim', ARRAY['text', 'integer', 'integer[]', 'integer[]', 'interval'], false, false),
+	('psp_record', ARRAY['text', 'jsonb'], false, false),
+	('psp_plan', ARRAY['market.outbox_message', 'text', 'integer[]'], false, false),
+	('psp_backoff', ARRAY['integer'], false, false),
+	('psp_reschedule', ARRAY['bigint', 'interval', 'text'], false, false),
+	('psp_dead', ARRAY['bigint', 'text'], false, false),
+	('psp_orders_to', ARRAY['bigint', 'text', 'text'], false, false),
+	('psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer'], false, false);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');
 SELECT function_privs_are('market', name, args, 'market_app',
