@@ -9,8 +9,10 @@
 # customer who fills a cart and begins checkout (which reserves).  About half
 # pay (checkout_complete: orders per seller, a payment, outbox rows); the
 # rest walk away and their 3-second checkouts expire, so that the expiry
-# worker returns their units.  Then some orders are shipped and some
-# cancelled (their units go back).  The report at
+# worker returns their units.  The PSP worker authorizes the payments at the
+# local test PSP (Stripe, failing over to Adyen when Stripe goes down 2 s in);
+# then some orders are shipped (captured) and some cancelled (voided, their
+# units go back).  The report at
 # the end checks that nothing was oversold and that market.verify_inventory()
 # finds nothing wrong.  The cluster and the scratch directory are removed on
 # exit.
@@ -45,6 +47,7 @@ bash test/tools/install-deps.sh
 step "build and install"
 make -s -j"$(nproc)"
 "${SUDO[@]}" make -s install
+make -s test-psp
 
 PG_CONFIG=${PG_CONFIG:-pg_config}
 BINDIR=$("$PG_CONFIG" --bindir)
@@ -53,8 +56,10 @@ SCRATCH=$(mktemp -d /tmp/market-demo.XXXXXX)
 [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$SCRATCH"
 PGDATA_DIR=$SCRATCH/data
 
+PSP_PID=
 cleanup() {
 	local rc=$?
+	[ -n "$PSP_PID" ] && kill "$PSP_PID" 2>/dev/null
 	if [ -f "$PGDATA_DIR/postmaster.pid" ]; then
 		as_pg "$BINDIR/pg_ctl" -D "$PGDATA_DIR" stop -m fast >/dev/null 2>&1 \
 			|| as_pg "$BINDIR/pg_ctl" -D "$PGDATA_DIR" stop -m immediate >/dev/null 2>&1 || true
@@ -231,6 +236,29 @@ SELECT demo.try_pay(':co', NULL);
 EOF
 [ "$(id -u)" -eq 0 ] && chown postgres "$SCRATCH/flash_sale.sql"
 
+# The test PSP (test/psp/, docs/test-psp.md) on loopback, Stripe and Adyen
+# each on a port of its own, and the two accounts the PSP worker uses:
+# Stripe first, Adyen as the fallback.
+step "test PSP"
+test/psp/market-test-psp --stripe-port 0 --adyen-port 0 >"$SCRATCH/psp.out" 2>"$SCRATCH/psp.err" &
+PSP_PID=$!
+for _ in $(seq 1 50); do [ -s "$SCRATCH/psp.out" ] && break; sleep 0.1; done
+psp_port() { sed -nE "s/.*\"$1\": *([0-9]+).*/\1/p" "$SCRATCH/psp.out" | head -1; }
+STRIPE_PORT=$(psp_port stripe_port)
+ADYEN_PORT=$(psp_port adyen_port)
+CONTROL="http://127.0.0.1:$(psp_port control_port)/_control"
+psp_control() {  # method path [json]
+	perl -MHTTP::Tiny -e 'my $r = HTTP::Tiny->new(timeout => 10)->request($ARGV[0], $ARGV[1],
+		{ headers => { "Content-Type" => "application/json" }, defined $ARGV[2] ? (content => $ARGV[2]) : () });
+		print $r->{content}; exit($r->{success} ? 0 : 1)' "$1" "$CONTROL/$2" "${3:-}"
+}
+echo "test PSP: stripe on $STRIPE_PORT, adyen on $ADYEN_PORT"
+# 20 ms per PSP call, as a real one on a good day
+psp_control POST faults '{"type": "latency", "psp": "all", "ms": 20}' >/dev/null
+q "SELECT market.psp_register('stripe-main', 'stripe', 'http://127.0.0.1:$STRIPE_PORT', '{\"secret_key\": \"sk_test_demo\"}', 10),
+          market.psp_register('adyen-backup', 'adyen', 'http://127.0.0.1:$ADYEN_PORT', '{\"api_key\": \"demo\", \"merchant_account\": \"DemoMA\"}', 20)" >/dev/null
+"${PSQL[@]}" -d market_demo -c "SELECT name, kind, priority FROM market.psp_accounts ORDER BY priority"
+
 step "expiry worker"
 for _ in $(seq 1 50); do
 	[ "$(q "SELECT running FROM market.worker_status()")" = t ] && break
@@ -241,6 +269,9 @@ done
 BEFORE=$(q "SELECT coalesce(sum(on_hand), 0) FROM market.stock_levels WHERE sku_id = $HOT")
 step "flash sale: $CLIENTS clients x $TX attempts on $BEFORE units of SKU $HOT (TTL ${TTL_S}s)"
 T_SALE=$(date +%s%N)
+# halfway through the sale, Stripe goes down (connections refused)
+( sleep 2; psp_control POST faults '{"type": "down", "psp": "stripe", "mode": "refuse"}' >/dev/null \
+	&& echo "  (2 s into the sale: Stripe is down)" ) &
 as_pg "$BINDIR/pgbench" -n -c "$CLIENTS" -j "$(nproc)" -t "$TX" --max-tries=10 \
 	-f "$SCRATCH/flash_sale.sql" \
 	-h "$SCRATCH" -p "$PORT" -U shop market_demo >"$SCRATCH/pgbench.log" 2>&1 \
@@ -324,20 +355,48 @@ ORDER_GROUPS=$(q "SELECT count(*) FROM market.order_groups")
        count(*) FROM market.checkouts GROUP BY 1 ORDER BY 1"
 "${PSQL[@]}" -d market_demo -c "SELECT topic, event_type, count(*) AS outbox_rows FROM market.outbox GROUP BY 1, 2 ORDER BY 1, 2"
 [ "$ORDER_GROUPS" -eq "$COMMITTED" ] || problems+=("$ORDER_GROUPS order groups for $COMMITTED committed checkouts of the hot SKU")
-[ "$(q "SELECT count(*) FROM market.payments WHERE status = 'pending'")" -eq "$ORDER_GROUPS" ] \
-	|| problems+=("not one pending payment per order group")
+[ "$(q "SELECT count(*) FROM market.payments")" -eq "$ORDER_GROUPS" ] \
+	|| problems+=("not one payment per order group")
 [ "$(q "SELECT count(*) FROM market.outbox WHERE topic = 'psp' AND event_type = 'payment.authorize'")" -eq "$ORDER_GROUPS" ] \
 	|| problems+=("not one payment.authorize job per order group")
 
-step "fulfilment: 3 orders confirmed and shipped, 3 cancelled (their units go back)"
+step "payments: the PSP worker authorizes through the outbox (Stripe went down 2 s in)"
+for _ in $(seq 1 90); do
+	[ "$(q "SELECT count(*) FROM market.payments WHERE status = 'pending'")" -eq 0 ] && break
+	sleep 1
+done
+"${PSQL[@]}" -d market_demo -c "SELECT p.status, coalesce(a.name, '-') AS psp, count(*) AS payments
+  FROM market.payments p LEFT JOIN market.psp_accounts a ON a.id = p.psp_account_id GROUP BY 1, 2 ORDER BY 1, 2"
+"${PSQL[@]}" -d market_demo -c "SELECT account, breaker, calls_5min, success_rate, avg_latency_ms FROM market.psp_status()"
+"${PSQL[@]}" -d market_demo -c "SELECT status, count(*) AS orders FROM market.orders GROUP BY status ORDER BY status"
+AUTHORIZED=$(q "SELECT count(*) FROM market.payments WHERE status = 'authorized'")
+PENDING=$(q "SELECT count(*) FROM market.payments WHERE status = 'pending'")
+# the test PSP's own ledger: successful authorizations per payment reference
+LEDGER=$(psp_control GET ledger | perl -MJSON::PP -e 'my $l = decode_json(join "", <STDIN>);
+	my $c = $l->{charges_by_reference} || {}; my @v = values %$c; my $twice = grep { $_ > 1 } @v;
+	printf "%d %d\n", scalar(@v), $twice')
+read -r CHARGED TWICE <<<"$LEDGER"
+echo "authorized payments: $AUTHORIZED; the PSPs' ledgers: $CHARGED payments charged, $TWICE of them more than once"
+[ "$PENDING" -eq 0 ] || problems+=("$PENDING payments still pending after 90 s")
+[ "$TWICE" -eq 0 ] || problems+=("$TWICE payments were charged twice")
+[ "$(q "SELECT count(*) FROM market.orders o JOIN market.payments p ON p.group_id = o.group_id
+        WHERE p.status = 'authorized' AND o.status <> 'confirmed'")" -eq 0 ] \
+	|| problems+=("orders of authorized payments not confirmed")
+
+# Stripe is back: its breaker lets a probe through and closes again, and the
+# captures of the orders it authorized (which never fail over) go through
+psp_control DELETE faults >/dev/null
+psp_control POST faults '{"type": "latency", "psp": "all", "ms": 20}' >/dev/null
+echo "Stripe is back up"
+
+step "fulfilment: 3 confirmed orders shipped (captured), 3 cancelled (voided, units go back)"
 AVAIL_BEFORE=$(q "SELECT market.available($HOT)")
-"${PSQL[@]}" -d market_demo -c "SELECT o.id AS order_id, market.order_transition(o.id, 'confirmed', 'demo: payment authorized') AS confirmed,
-       market.order_transition(o.id, 'shipped', 'demo: handed to the carrier') AS now
-  FROM (SELECT id FROM market.orders WHERE status = 'created' AND seller_id =
+"${PSQL[@]}" -d market_demo -c "SELECT o.id AS order_id, market.order_transition(o.id, 'shipped', 'demo: handed to the carrier') AS now
+  FROM (SELECT id FROM market.orders WHERE status = 'confirmed' AND seller_id =
           (SELECT seller_id FROM market.orders o JOIN market.order_lines l ON l.order_id = o.id WHERE l.sku_id = $HOT LIMIT 1)
         ORDER BY id LIMIT 3) o"
 CANCELLED_UNITS=$(q "WITH c AS (SELECT o.id FROM market.orders o JOIN market.order_lines l ON l.order_id = o.id
-                      WHERE o.status = 'created' AND l.sku_id = $HOT ORDER BY o.id DESC LIMIT 3)
+                      WHERE o.status = 'confirmed' AND l.sku_id = $HOT ORDER BY o.id DESC LIMIT 3)
   SELECT coalesce(sum(l.qty), 0) FROM c JOIN market.order_lines l ON l.order_id = c.id AND l.sku_id = $HOT
    WHERE market.order_transition(c.id, 'cancelled', 'demo: customer changed their mind') = 'cancelled'")
 AVAIL_AFTER=$(q "SELECT market.available($HOT)")
@@ -346,6 +405,11 @@ echo "cancelled units of the hot SKU: $CANCELLED_UNITS; available $AVAIL_BEFORE 
 [ "$AVAIL_AFTER" -eq $(( AVAIL_BEFORE + CANCELLED_UNITS )) ] \
 	|| problems+=("cancelling $CANCELLED_UNITS units moved available from $AVAIL_BEFORE to $AVAIL_AFTER")
 AUDIT=$("${PSQL[@]}" -d market_demo -c "SELECT * FROM market.verify_inventory()" -P footer=off -A -F ' | ' -t)
+for _ in $(seq 1 30); do
+	[ "$(q "SELECT count(*) FROM market.outbox WHERE topic = 'psp' AND acked_at IS NULL AND dead_at IS NULL")" -eq 0 ] && break
+	sleep 1
+done
+"${PSQL[@]}" -d market_demo -c "SELECT operation, outcome, count(*) FROM market.payment_attempts GROUP BY 1, 2 ORDER BY 1, 2"
 if [ -z "$AUDIT" ]; then
 	echo "audit after fulfilment: clean"
 else
