@@ -20,6 +20,9 @@
 #   expiry    Zipf reservations with a 2 s TTL at BENCH_EXPIRY_CLIENTS clients, nobody
 #             commits: afterwards, how late the worker returned them (finished_at -
 #             expires_at), p50/p99, for those that expired while the load ran
+#   psp       the PSP worker draining BENCH_PSP_JOBS payment.authorize jobs against the
+#             local test PSP answering in 20 ms (test/psp/): PSP calls per second
+#             (jobs queued in one transaction, then timed until no payment is pending)
 #   insert1   INSERT of one row: the ceiling for a one-row write transaction
 #   select1   SELECT 1, the ceiling of this machine for a one-statement transaction
 #
@@ -34,8 +37,10 @@
 #   BENCH_SECONDS       seconds per point (20)
 #   BENCH_CLIENTS       client counts for hot, baseline, select1 ("16 64 256")
 #   BENCH_ZIPF_CLIENTS  client counts for zipf ("64 256")
-#   BENCH_SCENARIOS     which scenarios ("hot flash batch baseline zipf zipfbatch expiry
-#                       insert1 select1")
+#   BENCH_SCENARIOS     which scenarios ("hot flash batch baseline zipf zipfbatch buynow
+#                       checkout expiry insert1 select1"; psp only when asked)
+#   BENCH_PSP_JOBS      jobs of the psp scenario (20000); BENCH_PSP_BIN the test PSP
+#                       (test/psp/market-test-psp, built by make test-psp)
 #   BENCH_EXPIRY_CLIENTS  client count of the expiry scenario (64)
 #   BENCH_SKUS          SKUs for zipf (100000)
 #   BENCH_SELLERS       sellers the SKUs are spread over (8)
@@ -65,6 +70,8 @@ BENCH_SCENARIOS=${BENCH_SCENARIOS:-"hot flash batch baseline zipf zipfbatch buyn
 BENCH_EXPIRY_CLIENTS=${BENCH_EXPIRY_CLIENTS:-64}
 BENCH_SKUS=${BENCH_SKUS:-100000}
 BENCH_SELLERS=${BENCH_SELLERS:-8}
+BENCH_PSP_JOBS=${BENCH_PSP_JOBS:-20000}
+BENCH_PSP_BIN=${BENCH_PSP_BIN:-$repo/test/psp/market-test-psp}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
 BENCH_PORT=${BENCH_PORT:-55432}
@@ -72,7 +79,7 @@ BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
 BENCH_USER=${BENCH_USER:-postgres}
 PG_CONFIG=${PG_CONFIG:-pg_config}
-export BENCH_PG_CONF BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
+export BENCH_PSP_JOBS BENCH_PSP_BIN BENCH_PG_CONF BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
 	BENCH_ZIPF_S BENCH_THREADS BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
 
 bindir=$("$PG_CONFIG" --bindir)
@@ -395,6 +402,45 @@ for scenario in $BENCH_SCENARIOS; do
 		echo "bench: expiry: $expiry_lag"
 		;;
 	baseline) for c in $BENCH_CLIENTS; do run_point baseline "$c" baseline.sql; done ;;
+	psp)
+		"$BENCH_PSP_BIN" --stripe-port 0 >"$work/psp.out" 2>"$work/psp.err" &
+		psp_pid=$!
+		for _ in $(seq 1 50); do [ -s "$work/psp.out" ] && break; sleep 0.1; done
+		stripe_port=$(sed -nE 's/.*"stripe_port": *([0-9]+).*/\1/p' "$work/psp.out")
+		control_port=$(sed -nE 's/.*"control_port": *([0-9]+).*/\1/p' "$work/psp.out")
+		perl -MHTTP::Tiny -e 'HTTP::Tiny->new->post($ARGV[0], { content => q({"type": "latency", "psp": "all", "ms": 20}) })->{success} or exit 1' \
+			"http://127.0.0.1:$control_port/_control/faults"
+		sql "SELECT market.psp_register('bench-stripe', 'stripe', 'http://127.0.0.1:$stripe_port',
+		       '{\"secret_key\": \"sk_bench\"}', 10)" >/dev/null
+		sql "DO \$\$
+		     DECLARE g bigint; p bigint; seller bigint := (SELECT min(id) FROM market.sellers);
+		     BEGIN
+		         FOR i IN 1 .. $BENCH_PSP_JOBS LOOP
+		             INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)
+		             VALUES (gen_random_uuid(), 'bench', 'EUR', 1000) RETURNING id INTO g;
+		             INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)
+		             VALUES (g, seller, 'bench', 'EUR', 1000);
+		             INSERT INTO market.payments (group_id, customer_id, currency, amount_minor, method)
+		             VALUES (g, 'bench', 'EUR', 1000, 'pm_card_visa') RETURNING id INTO p;
+		             INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)
+		             VALUES ('psp', 'payment.authorize', 'payment', p,
+		                     jsonb_build_object('payment_id', p, 'group_id', g, 'amount_minor', 1000,
+		                                        'currency', 'EUR', 'method', 'pm_card_visa'));
+		         END LOOP;
+		     END \$\$"
+		t0=$(date +%s%N)
+		for _ in $(seq 1 6000); do
+			[ "$(sql "SELECT count(*) FROM market.payments WHERE status = 'pending'")" = 0 ] && break
+			sleep 0.1
+		done
+		t1=$(date +%s%N)
+		calls=$(sql "SELECT count(*) FROM market.payment_attempts WHERE outcome = 'succeeded'")
+		psp_line=$(awk -v n="$calls" -v t0="$t0" -v t1="$t1" -v jobs="$BENCH_PSP_JOBS" \
+			'BEGIN { s = (t1 - t0) / 1e9; printf "%d payment.authorize jobs, %d successful PSP calls in %.1f s: %.0f PSP calls/s (test PSP answering in 20 ms)", jobs, n, s, n / s }')
+		psp_line="$psp_line; still pending: $(sql "SELECT count(*) FROM market.payments WHERE status = 'pending'"), audit violations $(sql "SELECT count(*) FROM market.verify_inventory()")"
+		echo "bench: psp: $psp_line"
+		kill "$psp_pid" 2>/dev/null || true
+		;;
 	zipf) for c in $BENCH_ZIPF_CLIENTS; do run_point zipf "$c" zipf.sql; done ;;
 	select1)
 		# at every client count used above
@@ -458,6 +504,10 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	if [ -n "${expiry_lag:-}" ]; then
 		echo
 		echo "Expiry under load: $expiry_lag."
+	fi
+	if [ -n "${psp_line:-}" ]; then
+		echo
+		echo "PSP worker: $psp_line."
 	fi
 } >"$work/report.md"
 
