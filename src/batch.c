@@ -614,13 +614,13 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 			apply_one(&answers[i], cxt);
 		}
 	}
-	for (int i = 0; i < n; i++)
-		publish_answer(&answers[i]);
-
+	/* counted before answering, so that a caller sees its own request counted */
 	pg_atomic_fetch_add_u64(&batch->batches, 1);
 	pg_atomic_fetch_add_u64(&batch->requests, n);
 	if ((uint64) n > pg_atomic_read_u64(&batch->largest))
 		pg_atomic_write_u64(&batch->largest, n);
+	for (int i = 0; i < n; i++)
+		publish_answer(&answers[i]);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return queued;
