@@ -165,8 +165,9 @@ SELECT pg_temp.try(s) FROM unnest(ARRAY[
 SELECT e.provider, e.event_id, e.event_type, a.name AS account, e.payment_id, e.status, e.note
   FROM market.psp_webhook_events e LEFT JOIN market.psp_accounts a ON a.id = e.psp_account_id
  ORDER BY e.id;
+SELECT pg_temp.stripe_headers(:'ev_auth') AS h_auth \gset
 SET ROLE market_app;
-SELECT market.psp_webhook('stripe', pg_temp.stripe_headers(:'ev_auth'), :'ev_auth');
+SELECT market.psp_webhook('stripe', :'h_auth', :'ev_auth');
 SELECT market.psp_hmac_verify('k', 'd', 'm');                         -- 42501
 SELECT count(*) FROM market.psp_webhook_events;                       -- 42501
 RESET ROLE;

@@ -29,6 +29,9 @@
 
 PG_FUNCTION_INFO_V1(market_psp_hmac_verify);
 
+/* MK020 (0.1's code for a NULL or invalid argument) */
+#define MK_HMAC_NULL			MAKE_SQLSTATE('M','K','0','2','0')
+
 /* market.psp_webhook_tolerance: seconds a Stripe timestamp may be off */
 static int	psp_webhook_tolerance_s = 300;
 
@@ -64,17 +67,25 @@ ct_equal(const uint8 *a, const uint8 *b, size_t len)
 /*
  * market.psp_hmac_verify(key bytea, data bytea, mac bytea) → boolean:
  * true when mac is HMAC-SHA256(key, data).  A mac of another length is
- * false (its length is not secret); NULL arguments give NULL (STRICT).
+ * false (its length is not secret); a NULL argument raises MK020.
  */
 Datum
 market_psp_hmac_verify(PG_FUNCTION_ARGS)
 {
-	bytea	   *key = PG_GETARG_BYTEA_PP(0);
-	bytea	   *data = PG_GETARG_BYTEA_PP(1);
-	bytea	   *mac = PG_GETARG_BYTEA_PP(2);
+	bytea	   *key;
+	bytea	   *data;
+	bytea	   *mac;
 	uint8		computed[PG_SHA256_DIGEST_LENGTH];
 	pg_hmac_ctx *ctx;
 	bool		ok;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(MK_HMAC_NULL),
+				 errmsg("psp_hmac_verify arguments must not be null")));
+	key = PG_GETARG_BYTEA_PP(0);
+	data = PG_GETARG_BYTEA_PP(1);
+	mac = PG_GETARG_BYTEA_PP(2);
 
 	ctx = pg_hmac_create(PG_SHA256);
 	if (ctx == NULL)

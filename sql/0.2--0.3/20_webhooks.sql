@@ -34,7 +34,7 @@ GRANT SELECT ON market.psp_webhook_events TO market_admin;
 
 CREATE FUNCTION market.psp_hmac_verify(key bytea, data bytea, mac bytea) RETURNS boolean
 AS 'MODULE_PATHNAME', 'market_psp_hmac_verify'
-LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- fold one verified event: dedup row, then (authorization success of a
 -- pending payment) the payment and its orders.  Returns the answer.
@@ -122,7 +122,7 @@ DECLARE
 	v_first jsonb;
 	v_all jsonb := '[]';
 	v_signing text;
-	v_tol int := coalesce(current_setting('market.psp_webhook_tolerance', true), '300')::int;
+	v_tol int := extract(epoch FROM coalesce(current_setting('market.psp_webhook_tolerance', true), '300s')::interval)::int;
 BEGIN
 	IF psp_webhook.provider IS NULL OR psp_webhook.headers IS NULL OR psp_webhook.body IS NULL THEN
 		RAISE EXCEPTION 'psp_webhook arguments must not be null' USING ERRCODE = 'MK020';
@@ -155,7 +155,7 @@ BEGIN
 				DETAIL = 'The Stripe-Signature header has no valid t= and v1= elements.';
 		END IF;
 		IF abs(extract(epoch FROM now()) - v_t::bigint) > v_tol THEN
-			RAISE EXCEPTION 'webhook signature invalid' USING ERRCODE = 'MK077',
+			RAISE EXCEPTION 'webhook timestamp outside the tolerance' USING ERRCODE = 'MK077',
 				DETAIL = format('The signed timestamp is more than %s seconds from now.', v_tol),
 				HINT = 'See market.psp_webhook_tolerance.';
 		END IF;
