@@ -152,6 +152,22 @@ SELECT pg_temp.try(s) FROM unnest(ARRAY[
 	$$SELECT market.psp_webhook('adyen', '[]', '{}')$$
 ]) AS s;
 
+-- the worker left an authorization unknown at Stripe; Adyen's webhook wins:
+-- the Stripe attempt gets a reconcile job, the winner none
+\set ady_3 '{"live": "false", "notificationItems": [{"NotificationRequestItem": {"pspReference": "ADY0003", "merchantAccountCode": "MarketMA", "merchantReference": "mk-pay-900003", "amount": {"value": 3500, "currency": "USD"}, "eventCode": "AUTHORISATION", "success": "true", "additionalData": {"hmacSignature": "pooEuZ4cSuAYqBxLja8KRoBxStZtbUdP4mO2W0ZKeJ4="}}}]}'
+SELECT pg_temp.pay(900003, 3500);
+INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)
+VALUES ('psp', 'payment.authorize', 'payment', 900003, '{"payment_id": 900003}') RETURNING id AS ob3 \gset
+INSERT INTO market.payment_attempts (payment_id, outbox_id, psp_account_id, psp, operation,
+	idempotency_key, amount_minor, outcome)
+VALUES (900003, :ob3, (SELECT id FROM market.psp_accounts WHERE name = 'stripe-wh'), 'stripe-wh',
+	'authorize', 'mk-900003-test', 3500, 'unknown');
+SELECT market.psp_webhook('adyen', '{}', :'ady_3');
+SELECT pg_temp.state(900003);
+SELECT a.name AS reconcile_at, (o.payload ->> 'authorize_outbox_id')::bigint = :ob3 AS of_that_job
+  FROM market.outbox o JOIN market.psp_accounts a ON a.id = (o.payload ->> 'account_id')::int
+ WHERE o.event_type = 'payment.reconcile' AND o.aggregate_id = 900003;
+
 -- ---------------------------------------------------------------------------
 -- providers, NULLs, the record, privileges
 -- ---------------------------------------------------------------------------

@@ -88,6 +88,13 @@ BEGIN
 			 WHERE x.id = p.id;
 			PERFORM market.psp_orders_to(p.group_id, 'confirmed',
 				format('payment authorized at %s (webhook)', psp_webhook_fold.provider));
+			-- the worker's authorize job is acked by psp_plan now that the
+			-- payment is decided; accounts it left with an unknown outcome
+			-- get their reconcile jobs here (the webhook's account is the winner)
+			PERFORM market.psp_queue_reconcile(p.id, m.id, account_id)
+			   FROM market.outbox m
+			  WHERE m.topic = 'psp' AND m.aggregate_type = 'payment' AND m.aggregate_id = p.id
+				AND m.event_type = 'payment.authorize';
 			v_status := 'processed';
 			v_note := 'payment authorized';
 		END IF;
