@@ -144,6 +144,7 @@ _PG_init(void)
 	market_outbox_init();		/* outbox GUCs, notifier (src/outbox.c) */
 	market_checkout_define_gucs();	/* before define_gucs reserves the prefix */
 	market_psp_init();			/* PSP GUCs, PSP worker (src/psp_worker.c) */
+	market_psp_webhook_define_gucs();	/* webhook tolerance (src/psp_webhook.c) */
 	define_gucs();
 
 	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)

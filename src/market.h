@@ -194,4 +194,7 @@ extern void market_outbox_init(void);
 /* src/psp_worker.c */
 extern void market_psp_init(void);
 
+/* src/psp_webhook.c */
+extern void market_psp_webhook_define_gucs(void);
+
 #endif							/* MARKET_H */

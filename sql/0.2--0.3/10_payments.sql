@@ -111,6 +111,7 @@ DECLARE
 	v_host text;
 	v_need text[];
 	v_key text;
+	v_opt text;
 	v_id int;
 BEGIN
 	IF v_name IS NULL OR v_kind IS NULL OR v_url IS NULL OR v_cred IS NULL
@@ -168,11 +169,26 @@ BEGIN
 					  HINT = 'The credentials'' values are never shown in messages.';
 		END IF;
 	END LOOP;
-	SELECT k INTO v_key FROM jsonb_object_keys(v_cred) k WHERE k <> ALL (v_need) LIMIT 1;
+	-- the optional webhook secret (20_webhooks.sql): Stripe's signing
+	-- secret, Adyen's HMAC key in hex
+	v_opt := CASE v_kind WHEN 'stripe' THEN 'webhook_secret' WHEN 'adyen' THEN 'hmac_key' END;
+	SELECT k INTO v_key FROM jsonb_object_keys(v_cred) k
+	 WHERE k <> ALL (v_need) AND k IS DISTINCT FROM v_opt LIMIT 1;
 	IF FOUND THEN
 		RAISE EXCEPTION 'unexpected PSP credential "%"', left(v_key, 50)
 			USING ERRCODE = 'MK072',
-				  DETAIL = format('A %s account takes only %s.', v_kind, array_to_string(v_need, ' and '));
+				  DETAIL = format('A %s account takes only %s%s.', v_kind, array_to_string(v_need, ' and '),
+								  coalesce(' (and optionally ' || v_opt || ')', ''));
+	END IF;
+	IF v_opt IS NOT NULL AND v_cred ? v_opt
+	   AND (jsonb_typeof(v_cred -> v_opt) <> 'string'
+			OR length(v_cred ->> v_opt) NOT BETWEEN 1 AND 500
+			OR (v_cred ->> v_opt) ~ '[[:space:][:cntrl:]]'
+			OR (v_opt = 'hmac_key' AND (v_cred ->> v_opt) !~ '^([0-9A-Fa-f]{2})+$')) THEN
+		RAISE EXCEPTION 'invalid PSP credential "%"', v_opt
+			USING ERRCODE = 'MK072',
+				  DETAIL = CASE v_opt WHEN 'hmac_key' THEN 'hmac_key is the Adyen HMAC key in hexadecimal.'
+						   ELSE 'webhook_secret is a non-empty string without spaces.' END;
 	END IF;
 	IF v_kind = 'stripe' AND (v_cred ->> 'secret_key') !~ '^(sk|rk)_' THEN
 		RAISE EXCEPTION 'invalid PSP credential "secret_key"'

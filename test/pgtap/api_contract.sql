@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(363);
+SELECT plan(374);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -43,7 +43,7 @@ SELECT is(pg_has_role('market_admin', 'market_app', 'MEMBER'), false, 'market_ad
 SELECT tables_are('market', ARRAY['sellers', 'products', 'skus', 'warehouses', 'stock',
 	'stock_slots', 'reservations', 'stock_ledger', 'carts', 'cart_items', 'order_groups',
 	'orders', 'order_lines', 'order_events', 'payments', 'outbox', 'checkouts', 'idempotency_keys',
-	'psp_accounts', 'payment_attempts']);
+	'psp_accounts', 'payment_attempts', 'psp_webhook_events']);
 SELECT views_are('market', ARRAY['reservation_lines', 'stock_levels']);
 SELECT columns_are('market', 'sellers', ARRAY['id', 'name', 'created_at']);
 SELECT columns_are('market', 'products', ARRAY['id', 'seller_id', 'title', 'description', 'brand',
@@ -103,7 +103,7 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'idempotency_purge',
 	'psp_register', 'psp_set_enabled', 'payment_view', 'psp_status', 'psp_breakers', 'psp_claim',
 	'psp_record', 'psp_plan', 'psp_backoff', 'psp_reschedule', 'psp_dead', 'psp_orders_to',
-	'psp_queue_reconcile']);
+	'psp_queue_reconcile', 'psp_webhook', 'psp_webhook_fold', 'psp_hmac_verify']);
 SELECT columns_are('market', 'psp_accounts', ARRAY['id', 'name', 'kind', 'base_url', 'credentials',
 	'priority', 'options', 'enabled', 'created_at']);
 
@@ -124,6 +124,14 @@ SELECT is(pg_get_function_arguments('market.payment_view(bigint)'::regprocedure)
 SELECT is(pg_get_function_result('market.psp_status()'::regprocedure),
 	'TABLE(account text, kind text, priority integer, enabled boolean, breaker text, failures_in_row integer, in_flight integer, calls_5min bigint, success_rate numeric, avg_latency_ms numeric, oldest_pending_job interval, worker_pid integer)',
 	'psp_status result columns');
+
+-- webhooks (docs/payments.md, "Webhooks")
+SELECT has_function('market', 'psp_webhook', ARRAY['text', 'jsonb', 'text']);
+SELECT function_returns('market', 'psp_webhook', ARRAY['text', 'jsonb', 'text'], 'jsonb');
+SELECT is(pg_get_function_arguments('market.psp_webhook(text, jsonb, text)'::regprocedure),
+	'provider text, headers jsonb, body text', 'psp_webhook arguments');
+SELECT columns_are('market', 'psp_webhook_events', ARRAY['id', 'provider', 'event_id', 'event_type',
+	'psp_account_id', 'psp_reference', 'payment_id', 'status', 'note', 'received_at']);
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -325,6 +333,9 @@ SELECT is_definer('market', 'psp_reschedule', ARRAY['bigint', 'interval', 'text'
 SELECT is_definer('market', 'psp_dead', ARRAY['bigint', 'text']);
 SELECT is_definer('market', 'psp_orders_to', ARRAY['bigint', 'text', 'text']);
 SELECT is_definer('market', 'psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer']);
+SELECT is_definer('market', 'psp_webhook', ARRAY['text', 'jsonb', 'text']);
+SELECT is_definer('market', 'psp_webhook_fold', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'boolean', 'bigint', 'text']);
+SELECT is_definer('market', 'psp_hmac_verify', ARRAY['bytea', 'bytea', 'bytea']);
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
 		  NULL, 'no market function is STRICT');
@@ -627,6 +638,15 @@ SELECT throws_ok('SELECT market.psp_set_enabled(''tap-none'', false)',
 SELECT throws_ok('SELECT market.payment_view(-1)', 'MK075', NULL, 'payment_view: an unknown payment raises MK075');
 SELECT throws_ok('SELECT market.psp_register(''tap-y'', ''stripe'', ''https://x.example'', ''{"secret_key": "sk_1"}'', -5)',
 	'MK076', NULL, 'psp_register: a bad priority raises MK076');
+-- webhooks: MK070 unknown provider, MK077 bad signature, MK021 malformed, MK020 NULL
+SELECT throws_ok('SELECT market.psp_webhook(''worldpay'', ''{}'', ''{}'')',
+	'MK070', NULL, 'psp_webhook: an unknown provider raises MK070');
+SELECT throws_ok('SELECT market.psp_webhook(''stripe'', ''{"Stripe-Signature": "t=1,v1=00"}'', ''{}'')',
+	'MK077', NULL, 'psp_webhook: a bad Stripe signature raises MK077');
+SELECT throws_ok('SELECT market.psp_webhook(''adyen'', ''{}'', ''not json'')',
+	'MK021', NULL, 'psp_webhook: a malformed body raises MK021');
+SELECT throws_ok('SELECT market.psp_webhook(NULL, ''{}'', ''{}'')',
+	'MK020', NULL, 'psp_webhook: NULL raises MK020');
 
 SELECT * FROM finish();
 ROLLBACK;

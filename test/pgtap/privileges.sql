@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(345);
+SELECT plan(360);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -58,6 +58,9 @@ SELECT table_privs_are('market', t, r, '{}'::text[], format('%s has no privilege
   FROM unnest(ARRAY['payment_attempts', 'psp_accounts']) t, unnest(ARRAY['market_app', 'public']) r
  WHERE NOT (t = 'payment_attempts' AND r = 'market_admin');
 SELECT table_privs_are('market', 'psp_accounts', 'market_admin', '{}'::text[], 'market_admin has no table-wide privilege on market.psp_accounts');
+SELECT table_privs_are('market', 'psp_webhook_events', 'market_admin', ARRAY['SELECT'], 'market_admin may only SELECT from market.psp_webhook_events');
+SELECT table_privs_are('market', 'psp_webhook_events', r, '{}'::text[], format('%s has no privilege on market.psp_webhook_events', r))
+  FROM unnest(ARRAY['market_app', 'public']) r;
 SELECT column_privs_are('market', 'psp_accounts', 'credentials', r, '{}'::text[], format('%s may not read the PSP credentials', r))
   FROM unnest(ARRAY['market_admin', 'market_app', 'public']) r;
 SELECT column_privs_are('market', 'psp_accounts', 'name', 'market_admin', ARRAY['SELECT'], 'market_admin may read the account names');
@@ -128,7 +131,10 @@ INSERT INTO fn VALUES
 	('psp_reschedule', ARRAY['bigint', 'interval', 'text'], false, false),
 	('psp_dead', ARRAY['bigint', 'text'], false, false),
 	('psp_orders_to', ARRAY['bigint', 'text', 'text'], false, false),
-	('psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer'], false, false);
+	('psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer'], false, false),
+	('psp_webhook', ARRAY['text', 'jsonb', 'text'], true, true),
+	('psp_webhook_fold', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'boolean', 'bigint', 'text'], false, false),
+	('psp_hmac_verify', ARRAY['bytea', 'bytea', 'bytea'], false, false);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');
 SELECT function_privs_are('market', name, args, 'market_app',
