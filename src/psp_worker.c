@@ -70,6 +70,7 @@ PG_FUNCTION_INFO_V1(market_psp_breakers);
 #define PSP_MAX_BREAKERS		64
 #define PSP_MAX_BODY			(1024 * 1024)
 #define NO_EXTENSION_RETRY_MS	5000
+#define STATS_CHECK_MS			500
 
 /* breaker states */
 #define BREAKER_CLOSED		0
@@ -78,7 +79,7 @@ PG_FUNCTION_INFO_V1(market_psp_breakers);
 
 /* GUCs (docs/payments.md) */
 static bool psp_worker_enabled = true;
-static int	psp_concurrency = 64;
+static int	psp_concurrency = 128;
 static int	psp_batch_size = 100;
 static int	psp_timeout_ms = 10000;
 static int	psp_connect_timeout_ms = 2000;
@@ -167,7 +168,7 @@ market_psp_init(void)
 							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("market.psp_concurrency",
 							"PSP requests the worker keeps in flight at once.",
-							NULL, &psp_concurrency, 64, 1, 1000,
+							NULL, &psp_concurrency, 128, 1, 1000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("market.psp_batch_size",
 							"PSP jobs the worker claims per cycle.",
@@ -1033,6 +1034,62 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
 	return jobs;
 }
 
+/*
+ * refresh_stats runs ANALYZE on the tables the claim and the record search
+ * (outbox, payment_attempts, payments) when their statistics are far behind
+ * their contents, at most once per STATS_CHECK_MS.  A burst of jobs queued
+ * faster than autovacuum analyzes leaves the planner thinking the outbox's
+ * pending rows are a handful; outbox_claim's and outbox_ack's anti-joins
+ * then scan every pending row for every row (quadratic in the queue).
+ * Runs in a transaction of its own; skipped when the extension is missing.
+ */
+static void
+refresh_stats(void)
+{
+	static TimestampTz last_check = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (last_check != 0 && !TimestampDifferenceExceeds(last_check, now, STATS_CHECK_MS))
+		return;
+	last_check = now;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (OidIsValid(get_extension_oid("market", true)))
+	{
+		int			ret;
+
+		pgstat_report_activity(STATE_RUNNING, "market psp worker: checking statistics");
+		ret = SPI_execute("SELECT s.relid::regclass::text FROM pg_catalog.pg_stat_user_tables s"
+						  " WHERE s.schemaname = 'market'"
+						  "   AND s.relname IN ('outbox', 'payment_attempts', 'payments')"
+						  "   AND s.n_mod_since_analyze > greatest(1000, s.n_live_tup / 2)",
+						  true, 0);
+		if (ret == SPI_OK_SELECT && SPI_processed > 0)
+		{
+			uint64		n = SPI_processed;
+			char	  **rels = palloc(sizeof(char *) * n);
+			SPITupleTable *tt = SPI_tuptable;
+
+			for (uint64 i = 0; i < n; i++)
+				rels[i] = SPI_getvalue(tt->vals[i], tt->tupdesc, 1);
+			for (uint64 i = 0; i < n; i++)
+			{
+				char	   *sql = psprintf("ANALYZE %s", rels[i]);
+
+				elog(DEBUG1, "market psp worker: %s", sql);
+				SPI_execute(sql, false, 0);
+			}
+		}
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
 /* append_result writes one job's outcome as a psp_record() result object. */
 static void
 append_result(StringInfo b, PspJob *job)
@@ -1184,13 +1241,31 @@ market_psp_worker_main(Datum main_arg)
 		}
 
 		old = MemoryContextSwitchTo(cycle_cxt);
-		jobs = claim_jobs(cycle_cxt, &njobs, &missing);
-		if (njobs > 0)
 		{
-			run_jobs(jobs, njobs);
-			for (int i = 0; i < njobs; i++)
-				breaker_note(jobs[i]->account_id, jobs[i]->technical_failure);
-			record_jobs(jobs, njobs);
+			/* the phases' times, logged at DEBUG1 */
+			TimestampTz t0 = GetCurrentTimestamp(),
+						t1,
+						t2,
+						t3,
+						t4;
+
+			refresh_stats();
+			t1 = GetCurrentTimestamp();
+			jobs = claim_jobs(cycle_cxt, &njobs, &missing);
+			t2 = GetCurrentTimestamp();
+			t3 = t2;
+			t4 = t2;
+			if (njobs > 0)
+			{
+				run_jobs(jobs, njobs);
+				t3 = GetCurrentTimestamp();
+				for (int i = 0; i < njobs; i++)
+					breaker_note(jobs[i]->account_id, jobs[i]->technical_failure);
+				record_jobs(jobs, njobs);
+				t4 = GetCurrentTimestamp();
+				elog(DEBUG1, "market psp worker: %d jobs; ms: statistics %ld, claim %ld, calls %ld, record %ld", njobs,
+					 (long) (t1 - t0) / 1000, (long) (t2 - t1) / 1000, (long) (t3 - t2) / 1000, (long) (t4 - t3) / 1000);
+			}
 		}
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(cycle_cxt);
