@@ -1090,6 +1090,16 @@ refresh_stats(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
 
+
+/* append_optional_string adds ,"key":"value" to a JSON object, unless value is NULL. */
+static void
+append_optional_string(StringInfo b, const char *key, const char *value)
+{
+	if (value == NULL)
+		return;
+	appendStringInfo(b, ",\"%s\":", key);
+	escape_json(b, value);
+}
 /* append_result writes one job's outcome as a psp_record() result object. */
 static void
 append_result(StringInfo b, PspJob *job)
@@ -1099,31 +1109,11 @@ append_result(StringInfo b, PspJob *job)
 	appendStringInfo(b, "{\"attempt_id\":" INT64_FORMAT ",\"outcome\":", job->attempt_id);
 	escape_json(b, job->outcome ? job->outcome : PSP_UNKNOWN);
 	appendStringInfo(b, ",\"http_status\":%ld,\"latency_ms\":%.3f", job->http_status, job->latency_ms);
-	if (job->error)
-	{
-		appendStringInfoString(b, ",\"error\":");
-		escape_json(b, job->error);
-	}
-	if (job->decline_code)
-	{
-		appendStringInfoString(b, ",\"decline_code\":");
-		escape_json(b, job->decline_code);
-	}
-	if (job->result_reference)
-	{
-		appendStringInfoString(b, ",\"psp_reference\":");
-		escape_json(b, job->result_reference);
-	}
-	if (job->result_capture)
-	{
-		appendStringInfoString(b, ",\"capture_reference\":");
-		escape_json(b, job->result_capture);
-	}
-	if (job->summary)
-	{
-		appendStringInfoString(b, ",\"request\":");
-		escape_json(b, job->summary);
-	}
+	append_optional_string(b, "error", job->error);
+	append_optional_string(b, "decline_code", job->decline_code);
+	append_optional_string(b, "psp_reference", job->result_reference);
+	append_optional_string(b, "capture_reference", job->result_capture);
+	append_optional_string(b, "request", job->summary);
 	appendStringInfo(b, ",\"voided\":%s,\"calls\":[%s]}", job->voided ? "true" : "false",
 					 job->calls.data);
 }
