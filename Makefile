@@ -18,6 +18,7 @@ OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 # script and then the updates, so fresh and upgraded databases are alike.
 UPDATE_SCRIPTS = sql/market--0.1--0.2.sql
 UPDATE_SCRIPTS += sql/market--0.2--0.3.sql
+UPDATE_SCRIPTS += sql/market--0.3--0.4.sql
 DATA = sql/market--0.1.sql
 DATA_built = $(UPDATE_SCRIPTS)
 EXTRA_CLEAN = $(UPDATE_SCRIPTS)
@@ -50,6 +51,9 @@ sql/market--0.1--0.2.sql: $(sort $(wildcard sql/0.1--0.2/*.sql))
 	cat $^ > $@
 
 sql/market--0.2--0.3.sql: $(sort $(wildcard sql/0.2--0.3/*.sql))
+	cat $^ > $@
+
+sql/market--0.3--0.4.sql: $(sort $(wildcard sql/0.3--0.4/*.sql))
 	cat $^ > $@
 
 .PHONY: test demo bench test-psp tmp_check_dir

@@ -24,7 +24,7 @@ SELECT plan(374);
 -- extension, schema, roles
 -- ---------------------------------------------------------------------------
 SELECT has_extension('market');
-SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.3', 'market is at version 0.3');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.4', 'market is at version 0.4');
 SELECT is((SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 			WHERE e.extname = 'market'), 'market', 'the extension lives in schema market');
 SELECT has_schema('market');
