@@ -46,10 +46,12 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "common/sha2.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -73,6 +75,11 @@ PGDLLEXPORT void market_batch_worker_main(Datum main_arg);
 PG_FUNCTION_INFO_V1(market_batch_status);
 
 #define BATCH_MAX_LINES			8
+#define BATCH_RESPONSE_LEN		4096	/* a buy_now response (jsonb) up to this size */
+#define BATCH_MAX_SUBXACTS		PGPROC_MAX_CACHED_SUBXIDS
+#define CUSTOMER_BYTES			(MARKET_MAX_CUSTOMER_CHARS * MAX_MULTIBYTE_CHAR_LEN)
+#define KEY_BYTES				(MARKET_MAX_KEY_CHARS * MAX_MULTIBYTE_CHAR_LEN)
+#define PAYMENT_BYTES			(MARKET_MAX_PAYMENT_CHARS * MAX_MULTIBYTE_CHAR_LEN)
 #define BATCH_MSG_LEN			256
 #define BATCH_DETAIL_LEN		512
 #define NO_EXTENSION_RETRY_MS	1000
@@ -87,17 +94,39 @@ typedef enum BatchRequestState
 	BR_ABANDONED
 } BatchRequestState;
 
+typedef enum BatchRequestKind
+{
+	BK_RESERVE = 0,				/* market.reserve() */
+	BK_BUY_NOW					/* market.buy_now() */
+} BatchRequestKind;
+
 /* one backend's request and, once DONE, its answer */
 typedef struct BatchRequest
 {
 	pg_atomic_uint32 state;
+	int32		kind;			/* BatchRequestKind */
 	int32		nlines;
 	ReserveLine lines[BATCH_MAX_LINES];
+	/* reserve */
 	int64		ttl_usecs;
 	int32		owner_len;		/* -1: no owner */
 	char		owner[MARKET_MAX_OWNER_LEN + 1];
+	/* buy_now: what MarketBuyNow holds, and who asked */
+	Oid			session_user;
+	int32		customer_len;
+	int32		key_len;
+	int32		method_len;		/* -1: not given */
+	int32		psp_len;		/* -1: not given */
+	char		currency[4];
+	uint8		fingerprint[PG_SHA256_DIGEST_LENGTH];
+	char		customer[CUSTOMER_BYTES];
+	char		key[KEY_BYTES];
+	char		method[PAYMENT_BYTES];
+	char		psp[PAYMENT_BYTES];
 	/* answer */
 	pg_uuid_t	id;
+	int32		response_len;	/* buy_now: -1 if it did not fit */
+	char		response[BATCH_RESPONSE_LEN];	/* buy_now: the jsonb varlena */
 	int			sqlerrcode;		/* 0: reserved */
 	char		message[BATCH_MSG_LEN];
 	char		detail[BATCH_DETAIL_LEN];
@@ -121,6 +150,7 @@ typedef struct BatchShared
 } BatchShared;
 
 bool		market_batch_reserve = false;
+bool		market_batch_checkout = false;
 bool		market_batch_worker_enabled = true;
 int			market_batch_max = 256;
 
@@ -187,6 +217,11 @@ market_define_batch_gucs(void)
 							 "The worker applies many reservations in one transaction; see docs/architecture.md.",
 							 &market_batch_reserve, false,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("market.batch_checkout",
+							 "Hands market.buy_now() calls made outside a transaction block to the batch worker.",
+							 "The worker applies many checkouts in one transaction; see docs/checkout.md.",
+							 &market_batch_checkout, false,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("market.batch_worker",
 							 "Starts the batch reservation worker.",
 							 "Only effective when market is in shared_preload_libraries.",
@@ -244,27 +279,22 @@ abandon_request(BatchRequest *req)
 }
 
 /*
- * market_batch_try_reserve hands a validated reservation to the batch
- * worker and waits for it.  Returns false, having done nothing, when the
- * batch path does not apply (setting off, inside a transaction block, no
- * worker for this database, too many lines); then the caller reserves
- * directly.  Raises the worker's error if the reservation failed.
+ * own_free_request returns this backend's request slot if it can take a
+ * new request, else NULL (the batch path then does not apply).
  */
-bool
-market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
-						 text *owner, pg_uuid_t *id_out)
+static BatchRequest *
+own_free_request(void)
 {
 	BatchRequest *req;
 	int			procno;
 	uint32		state;
 
-	if (!market_batch_reserve || batch == NULL || nlines > BATCH_MAX_LINES ||
-		IsTransactionBlock() ||
+	if (batch == NULL || IsTransactionBlock() ||
 		pg_atomic_read_u32(&batch->ready_db) != MyDatabaseId)
-		return false;
+		return NULL;
 	procno = MyProc->pgprocno;
 	if (procno < 0 || procno >= batch->capacity)
-		return false;
+		return NULL;
 	req = &batch_requests[procno];
 
 	state = pg_atomic_read_u32(&req->state);
@@ -274,23 +304,26 @@ market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
 		state = BR_FREE;
 	}
 	if (state != BR_FREE)		/* an abandoned request still queued */
-		return false;
+		return NULL;
+	return req;
+}
 
-	req->nlines = nlines;
-	memcpy(req->lines, lines, sizeof(ReserveLine) * nlines);
-	req->ttl_usecs = ttl_usecs;
-	req->owner_len = -1;
-	if (owner)
-	{
-		req->owner_len = VARSIZE_ANY_EXHDR(owner);
-		memcpy(req->owner, VARDATA_ANY(owner), req->owner_len);
-	}
+/*
+ * queue_and_wait publishes a filled request, wakes the worker and sleeps
+ * until the answer is there.  Raises the worker's error (the slot is then
+ * free again); on success the caller reads the answer and frees the slot.
+ */
+static void
+queue_and_wait(BatchRequest *req)
+{
+	uint32		state;
+
 	req->sqlerrcode = 0;
 	pg_write_barrier();
 	pg_atomic_write_u32(&req->state, BR_QUEUED);
 
 	SpinLockAcquire(&batch->mutex);
-	batch_ring[(batch->head + batch->count) % batch->capacity] = procno;
+	batch_ring[(batch->head + batch->count) % batch->capacity] = MyProc->pgprocno;
 	batch->count++;
 	SpinLockRelease(&batch->mutex);
 	wake_batch_worker();
@@ -332,8 +365,126 @@ market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
 				 detail ? errdetail_internal("%s", detail) : 0,
 				 hint ? errhint("%s", hint) : 0));
 	}
+}
+
+/*
+ * market_batch_try_reserve hands a validated reservation to the batch
+ * worker and waits for it.  Returns false, having done nothing, when the
+ * batch path does not apply (setting off, inside a transaction block, no
+ * worker for this database, too many lines); then the caller reserves
+ * directly.  Raises the worker's error if the reservation failed.
+ */
+bool
+market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
+						 text *owner, pg_uuid_t *id_out)
+{
+	BatchRequest *req;
+
+	if (!market_batch_reserve || nlines > BATCH_MAX_LINES ||
+		(req = own_free_request()) == NULL)
+		return false;
+
+	req->kind = BK_RESERVE;
+	req->nlines = nlines;
+	memcpy(req->lines, lines, sizeof(ReserveLine) * nlines);
+	req->ttl_usecs = ttl_usecs;
+	req->owner_len = -1;
+	if (owner)
+	{
+		req->owner_len = VARSIZE_ANY_EXHDR(owner);
+		memcpy(req->owner, VARDATA_ANY(owner), req->owner_len);
+	}
+	queue_and_wait(req);
 	*id_out = req->id;
 	pg_atomic_write_u32(&req->state, BR_FREE);
+	return true;
+}
+
+/* copy_optional copies an optional string into a request field (-1: NULL). */
+static int32
+copy_optional(char *dst, const char *src)
+{
+	if (src == NULL)
+		return -1;
+	memcpy(dst, src, strlen(src));
+	return (int32) strlen(src);
+}
+
+/*
+ * stored_response reads the response of a finished buy_now back from its
+ * idempotency key (when it was too large for the answer slot).  In READ
+ * COMMITTED the query sees the worker's commit.
+ */
+static Datum
+stored_response(MarketBuyNow *mb)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	bool		isnull = true;
+	Datum		doc = (Datum) 0;
+
+	SPI_connect();
+	market_prepare(&plan,
+				   "SELECT response FROM market.idempotency_keys WHERE customer_id = $1 AND key = $2",
+				   2, types);
+	values[0] = PointerGetDatum(mb->customer);
+	values[1] = PointerGetDatum(mb->key);
+	if (SPI_execute_plan(plan, values, NULL, false, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		doc = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		elog(ERROR, "market: the batched checkout's response is missing");
+	doc = SPI_datumTransfer(doc, false, -1);
+	SPI_finish();
+	return doc;
+}
+
+/*
+ * market_batch_try_buy_now hands a validated buy_now to the batch worker
+ * and waits for its response.  Returns false, having done nothing, when
+ * the batch path does not apply (market.batch_checkout off, inside a
+ * transaction block, not READ COMMITTED, no worker for this database, too
+ * many lines); then the caller runs it directly.  Raises the error the
+ * direct path would have raised.
+ */
+bool
+market_batch_try_buy_now(MarketBuyNow *mb, Datum *response)
+{
+	BatchRequest *req;
+
+	if (!market_batch_checkout || mb->nlines > BATCH_MAX_LINES ||
+		XactIsoLevel != XACT_READ_COMMITTED ||
+		(req = own_free_request()) == NULL)
+		return false;
+
+	req->kind = BK_BUY_NOW;
+	req->nlines = mb->nlines;
+	memcpy(req->lines, mb->lines, sizeof(ReserveLine) * mb->nlines);
+	req->session_user = GetSessionUserId();
+	req->customer_len = VARSIZE_ANY_EXHDR(mb->customer);
+	memcpy(req->customer, VARDATA_ANY(mb->customer), req->customer_len);
+	req->key_len = VARSIZE_ANY_EXHDR(mb->key);
+	memcpy(req->key, VARDATA_ANY(mb->key), req->key_len);
+	memcpy(req->currency, VARDATA_ANY(mb->currency), 3);
+	req->currency[3] = '\0';
+	req->method_len = copy_optional(req->method, mb->method);
+	req->psp_len = copy_optional(req->psp, mb->psp);
+	memcpy(req->fingerprint, VARDATA_ANY(mb->fingerprint), PG_SHA256_DIGEST_LENGTH);
+
+	queue_and_wait(req);
+	if (req->response_len >= 0)
+	{
+		char	   *copy = palloc(req->response_len);
+
+		memcpy(copy, req->response, req->response_len);
+		*response = PointerGetDatum(copy);
+		pg_atomic_write_u32(&req->state, BR_FREE);
+	}
+	else
+	{
+		pg_atomic_write_u32(&req->state, BR_FREE);
+		*response = stored_response(mb);
+	}
 	return true;
 }
 
@@ -347,6 +498,7 @@ typedef struct BatchAnswer
 {
 	int			procno;
 	pg_uuid_t	id;
+	Jsonb	   *response;		/* buy_now: the response document */
 	int			sqlerrcode;
 	char	   *message;
 	char	   *detail;
@@ -361,6 +513,12 @@ publish_answer(BatchAnswer *ans)
 
 	req->id = ans->id;
 	req->sqlerrcode = ans->sqlerrcode;
+	req->response_len = -1;
+	if (ans->response != NULL && VARSIZE(ans->response) <= BATCH_RESPONSE_LEN)
+	{
+		req->response_len = VARSIZE(ans->response);
+		memcpy(req->response, ans->response, req->response_len);
+	}
 	strlcpy(req->message, ans->message ? ans->message : "", BATCH_MSG_LEN);
 	strlcpy(req->detail, ans->detail ? ans->detail : "", BATCH_DETAIL_LEN);
 	strlcpy(req->hint, ans->hint ? ans->hint : "", BATCH_MSG_LEN);
@@ -467,6 +625,92 @@ answer_short(BatchAnswer *ans, ReserveLine *line, int64 available, MemoryContext
 	ans->hint = NULL;
 }
 
+/* request_to_buy_now rebuilds a MarketBuyNow from a queued request. */
+static void
+request_to_buy_now(BatchRequest *req, MarketBuyNow *mb)
+{
+	mb->customer = cstring_to_text_with_len(req->customer, req->customer_len);
+	mb->key = cstring_to_text_with_len(req->key, req->key_len);
+	mb->currency = cstring_to_text(req->currency);
+	mb->method = req->method_len >= 0 ? pnstrdup(req->method, req->method_len) : NULL;
+	mb->psp = req->psp_len >= 0 ? pnstrdup(req->psp, req->psp_len) : NULL;
+	mb->nlines = req->nlines;
+	mb->lines = palloc(sizeof(ReserveLine) * req->nlines);
+	memcpy(mb->lines, req->lines, sizeof(ReserveLine) * req->nlines);
+	mb->fingerprint = palloc(VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
+	SET_VARSIZE(mb->fingerprint, VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
+	memcpy(VARDATA(mb->fingerprint), req->fingerprint, PG_SHA256_DIGEST_LENGTH);
+}
+
+/*
+ * act_as makes the requesting role the session user (what the order
+ * events record as their actor), keeping the worker's own role as the
+ * current user, as a SECURITY DEFINER function would.  act_as(own...)
+ * undoes it.
+ */
+static void
+act_as(Oid session_user, Oid current_user, int sec_context)
+{
+	if (session_user != GetSessionUserId())
+		SetSessionAuthorization(session_user, superuser_arg(session_user));
+	SetUserIdAndSecContext(current_user, sec_context | SECURITY_LOCAL_USERID_CHANGE);
+}
+
+/*
+ * apply_buy_now runs one buy_now in a subtransaction of the batch's
+ * transaction, as its requester: success leaves its rows in the batch and
+ * the response in the answer; an error is the answer and undoes only this
+ * request.
+ */
+static void
+apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	ResourceOwner outer_owner = CurrentResourceOwner;
+	Oid			own_session = GetSessionUserId();
+	Oid			save_userid;
+	int			save_sec;
+	MarketBuyNow mb;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	MemoryContextSwitchTo(cxt);
+	request_to_buy_now(req, &mb);
+	MemoryContextSwitchTo(outer);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(outer);
+	PG_TRY();
+	{
+		Jsonb	   *doc;
+
+		act_as(req->session_user, save_userid, save_sec);
+		doc = DatumGetJsonbP(market_buy_now_apply(&mb));
+		ans->response = MemoryContextAlloc(cxt, VARSIZE(doc));
+		memcpy(ans->response, doc, VARSIZE(doc));
+		act_as(own_session, save_userid, save_sec);
+		SetUserIdAndSecContext(save_userid, save_sec);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = outer_owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = outer_owner;
+		act_as(own_session, save_userid, save_sec);
+		SetUserIdAndSecContext(save_userid, save_sec);
+		ans->response = NULL;
+		answer_error(ans, edata);
+	}
+	PG_END_TRY();
+}
+
 /*
  * apply_batch applies every request in one transaction.  Returns false if
  * anything raised; the transaction is then rolled back and nothing of it
@@ -498,8 +742,14 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 		{
 			BatchRequest *req = &batch_requests[answers[i].procno];
 			int64		available = 0;
-			int			shortl = short_line(estimates, req, &available);
+			int			shortl;
 
+			if (req->kind == BK_BUY_NOW)
+			{
+				apply_buy_now(&answers[i], req, cxt);
+				continue;
+			}
+			shortl = short_line(estimates, req, &available);
 			if (shortl >= 0)
 				answer_short(&answers[i], &req->lines[shortl], available, cxt);
 			else
@@ -544,8 +794,11 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 		StartTransactionCommand();
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
-		market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
-							 request_owner(req), false, &ans->id, NULL, NULL);
+		if (req->kind == BK_BUY_NOW)
+			apply_buy_now(ans, req, cxt);
+		else
+			market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
+								 request_owner(req), false, &ans->id, NULL, NULL);
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();
@@ -581,6 +834,31 @@ take_queued(int *procnos, int max)
 	return n;
 }
 
+/*
+ * chunk_end returns where the transaction that starts at answers[start]
+ * ends: at most BATCH_MAX_SUBXACTS checkouts (each a subtransaction) per
+ * transaction, so that the worker's subtransaction ids stay in its PGPROC
+ * cache and other sessions' snapshots stay cheap.
+ */
+static int
+chunk_end(BatchAnswer *answers, int start, int n)
+{
+	int			checkouts = 0;
+	int			end = start;
+
+	while (end < n)
+	{
+		if (batch_requests[answers[end].procno].kind == BK_BUY_NOW)
+		{
+			if (checkouts == BATCH_MAX_SUBXACTS)
+				break;
+			checkouts++;
+		}
+		end++;
+	}
+	return end;
+}
+
 /* run_batch takes what is queued, applies it and answers every backend. */
 static int
 run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
@@ -601,28 +879,38 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 		else if (expected == BR_ABANDONED)
 			pg_atomic_write_u32(&req->state, BR_FREE);
 	}
-	if (n == 0)
-		return queued;
 
-	if (!apply_batch(answers, n, cxt))
+	for (int start = 0, end; start < n; start = end)
 	{
-		pg_atomic_fetch_add_u64(&batch->fallbacks, 1);
-		for (int i = 0; i < n; i++)
+		BatchAnswer *chunk = answers + start;
+		int			len;
+
+		end = chunk_end(answers, start, n);
+		len = end - start;
+		if (!apply_batch(chunk, len, cxt))
 		{
-			memset(&answers[i].id, 0, sizeof(pg_uuid_t));
-			answers[i].sqlerrcode = 0;
-			apply_one(&answers[i], cxt);
+			pg_atomic_fetch_add_u64(&batch->fallbacks, 1);
+			for (int i = 0; i < len; i++)
+			{
+				memset(&chunk[i].id, 0, sizeof(pg_uuid_t));
+				chunk[i].sqlerrcode = 0;
+				chunk[i].response = NULL;
+				apply_one(&chunk[i], cxt);
+			}
 		}
+		/* counted before answering, so that a caller sees its own request counted */
+		pg_atomic_fetch_add_u64(&batch->batches, 1);
+		pg_atomic_fetch_add_u64(&batch->requests, len);
+		if ((uint64) len > pg_atomic_read_u64(&batch->largest))
+			pg_atomic_write_u64(&batch->largest, len);
+		for (int i = 0; i < len; i++)
+			publish_answer(&chunk[i]);
 	}
-	/* counted before answering, so that a caller sees its own request counted */
-	pg_atomic_fetch_add_u64(&batch->batches, 1);
-	pg_atomic_fetch_add_u64(&batch->requests, n);
-	if ((uint64) n > pg_atomic_read_u64(&batch->largest))
-		pg_atomic_write_u64(&batch->largest, n);
-	for (int i = 0; i < n; i++)
-		publish_answer(&answers[i]);
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
+	if (n > 0)
+	{
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
 	return queued;
 }
 
@@ -641,9 +929,18 @@ answer_orphans(void)
 
 			ans.procno = i;
 			ans.sqlerrcode = MK_BATCH_INTERRUPTED;
-			ans.message = "batched reservation interrupted";
-			ans.detail = "The batch worker stopped while applying this reservation.";
-			ans.hint = "The reservation was not made or expires by its ttl; retry.";
+			if (batch_requests[i].kind == BK_BUY_NOW)
+			{
+				ans.message = "batched checkout interrupted";
+				ans.detail = "The batch worker stopped while applying this checkout.";
+				ans.hint = "Retry with the same idempotency key: it returns the checkout if it was made, and makes it otherwise.";
+			}
+			else
+			{
+				ans.message = "batched reservation interrupted";
+				ans.detail = "The batch worker stopped while applying this reservation.";
+				ans.hint = "The reservation was not made or expires by its ttl; retry.";
+			}
 			publish_answer(&ans);
 		}
 	}

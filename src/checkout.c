@@ -56,9 +56,9 @@ PG_FUNCTION_INFO_V1(market_idempotency_purge);
 /* MK022 (0.1's code for a bad currency code, raised in SQL there) */
 #define MK_BAD_CURRENCY			MAKE_SQLSTATE('M','K','0','2','2')
 
-#define MAX_KEY_CHARS			255
-#define MAX_PAYMENT_FIELD_CHARS	100
-#define MAX_CUSTOMER_CHARS		200
+#define MAX_KEY_CHARS			MARKET_MAX_KEY_CHARS
+#define MAX_PAYMENT_FIELD_CHARS	MARKET_MAX_PAYMENT_CHARS
+#define MAX_CUSTOMER_CHARS		MARKET_MAX_CUSTOMER_CHARS
 
 /* GUC variables of this part (docs/checkout.md) */
 static int	idempotency_retention_s = 86400;
@@ -806,46 +806,35 @@ market_checkout_complete(PG_FUNCTION_ARGS)
 Datum
 market_buy_now(PG_FUNCTION_ARGS)
 {
-	static SPIPlanPtr skus_plan = NULL;
-	Oid			types[1] = {INT8ARRAYOID};
-	Datum		values[1];
-	text	   *customer;
-	text	   *key;
-	text	   *currency = NULL;
+	MarketBuyNow req;
 	char	   *currency_str;
-	PaymentDoc	pay;
-	ReserveLine *lines;
-	int			nlines;
-	int			nskus = 0;
-	Datum	   *sku_list;
 	int			nchars;
 	StringInfoData request;
+	PaymentDoc	pay;
 	Datum		response;
-	FrozenLines frozen;
-	pg_uuid_t  *checkout_id = palloc(sizeof(pg_uuid_t));
-	pg_uuid_t	reservation_id;
-	TakeList	takes = {0};
-	int			row = 0;
 
 	/* arguments, all checked before anything is written */
 	market_require_arg(fcinfo, 0, "customer_id");
-	customer = PG_GETARG_TEXT_PP(0);
-	nchars = pg_mbstrlen_with_len(VARDATA_ANY(customer), VARSIZE_ANY_EXHDR(customer));
+	req.customer = PG_GETARG_TEXT_PP(0);
+	nchars = pg_mbstrlen_with_len(VARDATA_ANY(req.customer), VARSIZE_ANY_EXHDR(req.customer));
 	if (nchars < 1 || nchars > MAX_CUSTOMER_CHARS)
 		ereport(ERROR,
 				(errcode(MK_INVALID_ARGUMENT),
 				 errmsg("invalid customer id"),
 				 errdetail("A customer id is 1 to %d characters.", MAX_CUSTOMER_CHARS)));
 	market_require_arg(fcinfo, 1, "items");
-	lines = market_parse_items(PG_GETARG_JSONB_P(1), &nlines);
-	key = get_key(fcinfo, 2);
+	req.lines = market_parse_items(PG_GETARG_JSONB_P(1), &req.nlines);
+	req.key = get_key(fcinfo, 2);
 	parse_payment(fcinfo, 3, &pay);
+	req.method = pay.method;
+	req.psp = pay.psp;
+	req.currency = NULL;
 	if (PG_ARGISNULL(4))
 		currency_str = "NULL";
 	else
 	{
-		currency = PG_GETARG_TEXT_PP(4);
-		currency_str = text_to_cstring(currency);
+		req.currency = PG_GETARG_TEXT_PP(4);
+		currency_str = text_to_cstring(req.currency);
 	}
 	if (PG_ARGISNULL(4) || strlen(currency_str) != 3 ||
 		strspn(currency_str, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") != 3)
@@ -859,12 +848,44 @@ market_buy_now(PG_FUNCTION_ARGS)
 	initStringInfo(&request);
 	fp_add(&request, "buy_now");
 	fp_add(&request, currency_str);
-	for (int i = 0; i < nlines; i++)
-		appendStringInfo(&request, "%lld/%d/%lld;", (long long) lines[i].sku_id,
-						 lines[i].warehouse_id, (long long) lines[i].qty);
+	for (int i = 0; i < req.nlines; i++)
+		appendStringInfo(&request, "%lld/%d/%lld;", (long long) req.lines[i].sku_id,
+						 req.lines[i].warehouse_id, (long long) req.lines[i].qty);
 	appendStringInfoChar(&request, '|');
 	fp_add(&request, pay.method);
 	fp_add(&request, pay.psp);
+	req.fingerprint = fingerprint(&request);
+
+	/* a flash-sale setting: the batch worker applies it with others */
+	if (market_batch_try_buy_now(&req, &response))
+		PG_RETURN_DATUM(response);
+	PG_RETURN_DATUM(market_buy_now_apply(&req));
+}
+
+/*
+ * market_buy_now_apply runs a validated buy_now: claims the key (or
+ * replays it), freezes prices, reserves and sells the lines, and writes
+ * the orders.  Returns the response document in the caller's memory
+ * context.  Used by market.buy_now() and by the batch worker.
+ */
+Datum
+market_buy_now_apply(MarketBuyNow *req)
+{
+	static SPIPlanPtr skus_plan = NULL;
+	Oid			types[1] = {INT8ARRAYOID};
+	Datum		values[1];
+	ReserveLine *lines = req->lines;
+	int			nlines = req->nlines;
+	char	   *currency_str = text_to_cstring(req->currency);
+	PaymentDoc	pay = {req->method, req->psp};
+	int			nskus = 0;
+	Datum	   *sku_list;
+	Datum		response;
+	FrozenLines frozen;
+	pg_uuid_t  *checkout_id = palloc(sizeof(pg_uuid_t));
+	pg_uuid_t	reservation_id;
+	TakeList	takes = {0};
+	int			row = 0;
 
 	/* the distinct SKUs (lines are sorted by SKU) */
 	sku_list = palloc(sizeof(Datum) * nlines);
@@ -873,10 +894,10 @@ market_buy_now(PG_FUNCTION_ARGS)
 			sku_list[nskus++] = Int64GetDatum(lines[i].sku_id);
 
 	SPI_connect();
-	if (!claim_key(customer, key, "buy_now", fingerprint(&request), &response))
+	if (!claim_key(req->customer, req->key, "buy_now", req->fingerprint, &response))
 	{
 		SPI_finish();
-		PG_RETURN_DATUM(response);
+		return response;
 	}
 
 	/* prices and sellers, frozen now */
@@ -925,10 +946,10 @@ market_buy_now(PG_FUNCTION_ARGS)
 	market_generate_uuid7(checkout_id, GetCurrentTimestamp());
 	market_reserve_lines(lines, nlines, 0, owner_for(checkout_id), true,
 						 &reservation_id, NULL, &takes);
-	response = write_orders(true, checkout_id, customer, currency, &frozen, &takes, &pay, key,
-							&reservation_id);
+	response = write_orders(true, checkout_id, req->customer, req->currency, &frozen, &takes, &pay,
+							req->key, &reservation_id);
 	SPI_finish();
-	PG_RETURN_DATUM(response);
+	return response;
 }
 
 /* ---------------------------------------------------------------------------

@@ -162,7 +162,29 @@ extern void market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs
 extern bool market_commit_reservation(pg_uuid_t *id, TakeList *takes);
 
 /* src/checkout.c */
+
+/*
+ * A validated buy_now request: what market.buy_now() checked and what
+ * market_buy_now_apply() needs; the batch queue carries it to its worker.
+ */
+typedef struct MarketBuyNow
+{
+	text	   *customer;
+	text	   *key;
+	text	   *currency;
+	char	   *method;			/* NULL: not given */
+	char	   *psp;			/* NULL: not given */
+	ReserveLine *lines;			/* sorted by SKU */
+	int			nlines;
+	bytea	   *fingerprint;	/* sha256 of the request */
+} MarketBuyNow;
+
+#define MARKET_MAX_CUSTOMER_CHARS	200
+#define MARKET_MAX_KEY_CHARS		255
+#define MARKET_MAX_PAYMENT_CHARS	100
+
 extern void market_checkout_define_gucs(void);
+extern Datum market_buy_now_apply(MarketBuyNow *req);
 
 /* src/batch.c: the batched reservation path and its worker */
 extern bool market_batch_reserve;
@@ -174,6 +196,8 @@ extern void market_define_batch_gucs(void);
 extern void market_register_batch_worker(void);
 extern bool market_batch_try_reserve(const ReserveLine *lines, int nlines, int64 ttl_usecs,
 									 text *owner, pg_uuid_t *id_out);
+extern bool market_batch_checkout;
+extern bool market_batch_try_buy_now(MarketBuyNow *req, Datum *response);
 
 /* src/stock.c */
 extern int64 market_change_on_hand(int64 sku_id, int32 warehouse_id, bool absolute,
