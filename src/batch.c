@@ -1,9 +1,10 @@
 /*-------------------------------------------------------------------------
  *
  * batch.c
- *	  The batched reservation path for flash sales: a shared-memory request
- *	  queue, the "market batch worker" that drains it, and the backend side
- *	  of market.reserve() that hands a request over and waits for the answer.
+ *	  The batched paths for flash sales: a shared-memory request queue, the
+ *	  "market batch worker" processes that drain it, and the backend side of
+ *	  market.reserve() and market.buy_now() that hands a request over and
+ *	  waits for the answer.
  *
  * Why: with synchronous_commit = on every reservation made by its own
  * session costs a transaction with an XID, a WAL flush and a commit, and
@@ -26,6 +27,19 @@
  * (the worker stopped while holding the request) raises MK006; the
  * reservation then either never happened or expires by its TTL.
  *
+ * Workers: market.batch_workers of them (2 by default), all serving
+ * market.database and popping the same ring, so that one applies or
+ * commits a batch while another takes what arrived meanwhile.  A backend
+ * wakes one idle worker; a busy one looks at the ring again before it
+ * sleeps.  The slot engine lets two workers sell the same hot SKU from
+ * different slots, so they rarely wait for each other.
+ *
+ * Requests: market.reserve() (market.batch_reserve) and, from 0.4,
+ * market.buy_now() (market.batch_checkout).  A checkout runs in a
+ * subtransaction of the batch, as the calling role, so that its error
+ * undoes only itself; at most BATCH_MAX_SUBXACTS checkouts share one
+ * transaction.
+ *
  * Shared memory (one struct created in the shmem startup hook, see
  * market.c) holds:
  *	  - one BatchRequest per backend, indexed by PGPROC number.  Its state
@@ -34,10 +48,13 @@
  *		(backend cancelled before the worker took it) -> FREE (worker).
  *		Each transition is one atomic compare-and-swap or write by the
  *		single party allowed to make it; the payload is written before
- *		the state that publishes it, behind a memory barrier.
+ *		the state that publishes it, behind a memory barrier.  taken_by
+ *		names the worker that took it, so that a restarted worker answers
+ *		only its predecessor's requests (MK006).
  *	  - a ring of queued PGPROC numbers, protected by a spinlock held only
  *		to push or pop (no other lock is ever taken while holding it).
- *	  - counters, as atomics.
+ *	  - one BatchWorkerSlot per worker (pid, latch owner, database served,
+ *		idle flag), as atomics; counters, as atomics.
  * The worker takes locks in the database exactly as a reserving session
  * does (market.h); it never holds a row lock across a wait for a backend.
  *
@@ -82,6 +99,7 @@ PG_FUNCTION_INFO_V1(market_batch_status);
 #define PAYMENT_BYTES			(MARKET_MAX_PAYMENT_CHARS * MAX_MULTIBYTE_CHAR_LEN)
 #define BATCH_MSG_LEN			256
 #define BATCH_DETAIL_LEN		512
+#define MAX_BATCH_WORKERS		8
 #define NO_EXTENSION_RETRY_MS	1000
 #define IDLE_WAIT_MS			1000
 
@@ -104,6 +122,7 @@ typedef enum BatchRequestKind
 typedef struct BatchRequest
 {
 	pg_atomic_uint32 state;
+	int32		taken_by;		/* the worker that took it (index) */
 	int32		kind;			/* BatchRequestKind */
 	int32		nlines;
 	ReserveLine lines[BATCH_MAX_LINES];
@@ -133,15 +152,22 @@ typedef struct BatchRequest
 	char		hint[BATCH_MSG_LEN];
 } BatchRequest;
 
+/* one batch worker, as backends see it */
+typedef struct BatchWorkerSlot
+{
+	pg_atomic_uint32 pid;		/* 0: not running */
+	pg_atomic_uint32 procno;
+	pg_atomic_uint32 ready_db;	/* database served; 0 when not ready */
+	pg_atomic_uint32 idle;		/* 1 while it sleeps on its latch */
+} BatchWorkerSlot;
+
 typedef struct BatchShared
 {
 	slock_t		mutex;			/* protects head and count */
 	int			head;
 	int			count;
 	int			capacity;		/* MaxBackends: requests[] and ring[] */
-	pg_atomic_uint32 worker_pid;
-	pg_atomic_uint32 worker_procno;
-	pg_atomic_uint32 ready_db;	/* database served; 0 when not ready */
+	BatchWorkerSlot workers[MAX_BATCH_WORKERS];
 	pg_atomic_uint64 batches;
 	pg_atomic_uint64 requests;
 	pg_atomic_uint64 fallbacks; /* batches replayed request by request */
@@ -153,6 +179,10 @@ bool		market_batch_reserve = false;
 bool		market_batch_checkout = false;
 bool		market_batch_worker_enabled = true;
 int			market_batch_max = 256;
+int			market_batch_workers = 2;
+
+/* this process's worker slot, in a batch worker */
+static int	my_worker = -1;
 
 static BatchShared *batch = NULL;
 static int *batch_ring = NULL;
@@ -197,9 +227,13 @@ market_batch_shmem_init(void)
 	batch->head = 0;
 	batch->count = 0;
 	batch->capacity = MaxBackends;
-	pg_atomic_init_u32(&batch->worker_pid, 0);
-	pg_atomic_init_u32(&batch->worker_procno, 0);
-	pg_atomic_init_u32(&batch->ready_db, InvalidOid);
+	for (int i = 0; i < MAX_BATCH_WORKERS; i++)
+	{
+		pg_atomic_init_u32(&batch->workers[i].pid, 0);
+		pg_atomic_init_u32(&batch->workers[i].procno, 0);
+		pg_atomic_init_u32(&batch->workers[i].ready_db, InvalidOid);
+		pg_atomic_init_u32(&batch->workers[i].idle, 0);
+	}
 	pg_atomic_init_u64(&batch->batches, 0);
 	pg_atomic_init_u64(&batch->requests, 0);
 	pg_atomic_init_u64(&batch->fallbacks, 0);
@@ -227,6 +261,11 @@ market_define_batch_gucs(void)
 							 "Only effective when market is in shared_preload_libraries.",
 							 &market_batch_worker_enabled, true,
 							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("market.batch_workers",
+							"Number of batch workers.",
+							"Each takes what is queued when it is free, so one commits while another works.",
+							&market_batch_workers, 2, 1, MAX_BATCH_WORKERS,
+							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("market.batch_max",
 							"Most reservations the batch worker applies in one transaction.",
 							NULL,
@@ -234,11 +273,13 @@ market_define_batch_gucs(void)
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 }
 
-/* market_register_batch_worker registers the static batch worker. */
+/* market_register_batch_worker registers the static batch workers. */
 void
 market_register_batch_worker(void)
 {
-	market_register_static_worker("market_batch_worker_main", "market batch worker");
+	for (int i = 0; i < market_batch_workers; i++)
+		market_register_static_worker_arg("market_batch_worker_main", "market batch worker",
+										  Int32GetDatum(i));
 }
 
 /* ---------------------------------------------------------------------------
@@ -246,12 +287,36 @@ market_register_batch_worker(void)
  * ---------------------------------------------------------------------------
  */
 
-/* wake_batch_worker sets the worker's latch. */
+/*
+ * wake_batch_worker sets the latch of one idle worker, if any; a busy
+ * worker takes the queue again before it sleeps.  The caller pushed its
+ * request first; the barrier pairs with the one a worker passes between
+ * saying it is idle and looking at the queue a last time.
+ */
 static void
 wake_batch_worker(void)
 {
-	if (pg_atomic_read_u32(&batch->worker_pid) != 0)
-		SetLatch(&ProcGlobal->allProcs[pg_atomic_read_u32(&batch->worker_procno)].procLatch);
+	pg_memory_barrier();
+	for (int i = 0; i < MAX_BATCH_WORKERS; i++)
+	{
+		BatchWorkerSlot *w = &batch->workers[i];
+
+		if (pg_atomic_read_u32(&w->pid) != 0 && pg_atomic_read_u32(&w->idle) != 0)
+		{
+			SetLatch(&ProcGlobal->allProcs[pg_atomic_read_u32(&w->procno)].procLatch);
+			return;
+		}
+	}
+}
+
+/* batch_serves tells whether a batch worker is ready for database db. */
+static bool
+batch_serves(Oid db)
+{
+	for (int i = 0; i < MAX_BATCH_WORKERS; i++)
+		if (pg_atomic_read_u32(&batch->workers[i].ready_db) == db)
+			return true;
+	return false;
 }
 
 /*
@@ -268,7 +333,7 @@ abandon_request(BatchRequest *req)
 	if (pg_atomic_compare_exchange_u32(&req->state, &expected, BR_ABANDONED))
 		return;
 	while (pg_atomic_read_u32(&req->state) == BR_TAKEN &&
-		   pg_atomic_read_u32(&batch->worker_pid) != 0)
+		   pg_atomic_read_u32(&batch->workers[req->taken_by].pid) != 0)
 	{
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 10, PG_WAIT_EXTENSION);
@@ -289,8 +354,7 @@ own_free_request(void)
 	int			procno;
 	uint32		state;
 
-	if (batch == NULL || IsTransactionBlock() ||
-		pg_atomic_read_u32(&batch->ready_db) != MyDatabaseId)
+	if (batch == NULL || IsTransactionBlock() || !batch_serves(MyDatabaseId))
 		return NULL;
 	procno = MyProc->pgprocno;
 	if (procno < 0 || procno >= batch->capacity)
@@ -818,6 +882,18 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 	PG_END_TRY();
 }
 
+/* queue_length is the number of queued requests. */
+static int
+queue_length(void)
+{
+	int			n;
+
+	SpinLockAcquire(&batch->mutex);
+	n = batch->count;
+	SpinLockRelease(&batch->mutex);
+	return n;
+}
+
 /* take_queued pops up to max queued backends off the ring. */
 static int
 take_queued(int *procnos, int max)
@@ -871,6 +947,7 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 		BatchRequest *req = &batch_requests[procnos[i]];
 		uint32		expected = BR_QUEUED;
 
+		req->taken_by = my_worker;	/* read by the backend only once TAKEN */
 		if (pg_atomic_compare_exchange_u32(&req->state, &expected, BR_TAKEN))
 		{
 			memset(&answers[n], 0, sizeof(BatchAnswer));
@@ -915,15 +992,16 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 }
 
 /*
- * answer_orphans tells backends whose request a previous worker took but
- * never answered that the outcome is unknown (MK006).
+ * answer_orphans tells backends whose request a previous worker in this
+ * worker's place took but never answered that the outcome is unknown (MK006).
  */
 static void
 answer_orphans(void)
 {
 	for (int i = 0; i < batch->capacity; i++)
 	{
-		if (pg_atomic_read_u32(&batch_requests[i].state) == BR_TAKEN)
+		if (pg_atomic_read_u32(&batch_requests[i].state) == BR_TAKEN &&
+			batch_requests[i].taken_by == my_worker)
 		{
 			BatchAnswer ans = {0};
 
@@ -963,8 +1041,8 @@ extension_installed(void)
 static void
 batch_worker_detach(int code, Datum arg)
 {
-	pg_atomic_write_u32(&batch->ready_db, InvalidOid);
-	pg_atomic_write_u32(&batch->worker_pid, 0);
+	pg_atomic_write_u32(&batch->workers[my_worker].ready_db, InvalidOid);
+	pg_atomic_write_u32(&batch->workers[my_worker].pid, 0);
 }
 
 /* market_batch_worker_main is the batch worker's entry point and loop. */
@@ -974,6 +1052,7 @@ market_batch_worker_main(Datum main_arg)
 	MemoryContext cxt;
 	int		   *procnos;
 	BatchAnswer *answers;
+	BatchWorkerSlot *me;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -982,8 +1061,12 @@ market_batch_worker_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(market_database, NULL, 0);
 	pgstat_report_appname("market batch worker");
 
-	pg_atomic_write_u32(&batch->worker_procno, MyProc->pgprocno);
-	pg_atomic_write_u32(&batch->worker_pid, (uint32) MyProcPid);
+	my_worker = DatumGetInt32(main_arg);
+	Assert(my_worker >= 0 && my_worker < MAX_BATCH_WORKERS);
+	me = &batch->workers[my_worker];
+	pg_atomic_write_u32(&me->idle, 0);
+	pg_atomic_write_u32(&me->procno, MyProc->pgprocno);
+	pg_atomic_write_u32(&me->pid, (uint32) MyProcPid);
 	before_shmem_exit(batch_worker_detach, (Datum) 0);
 	answer_orphans();
 
@@ -1006,7 +1089,7 @@ market_batch_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
-		if (pg_atomic_read_u32(&batch->ready_db) != MyDatabaseId)
+		if (pg_atomic_read_u32(&me->ready_db) != MyDatabaseId)
 		{
 			if (!extension_installed())
 			{
@@ -1015,7 +1098,7 @@ market_batch_worker_main(Datum main_arg)
 				ResetLatch(MyLatch);
 				continue;
 			}
-			pg_atomic_write_u32(&batch->ready_db, MyDatabaseId);
+			pg_atomic_write_u32(&me->ready_db, MyDatabaseId);
 		}
 
 		old = MemoryContextSwitchTo(cxt);
@@ -1025,8 +1108,13 @@ market_batch_worker_main(Datum main_arg)
 		if (taken > 0)
 			continue;
 
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 IDLE_WAIT_MS, PG_WAIT_EXTENSION);
+		/* idle: say so, then look once more (pairs with wake_batch_worker) */
+		pg_atomic_write_u32(&me->idle, 1);
+		pg_memory_barrier();
+		if (queue_length() == 0)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 IDLE_WAIT_MS, PG_WAIT_EXTENSION);
+		pg_atomic_write_u32(&me->idle, 0);
 		ResetLatch(MyLatch);
 	}
 }
@@ -1051,14 +1139,10 @@ market_batch_status(PG_FUNCTION_ARGS)
 	}
 	else
 	{
-		uint32		pid = pg_atomic_read_u32(&batch->worker_pid);
-		int			queued;
+		uint32		pid = pg_atomic_read_u32(&batch->workers[0].pid);
+		int			queued = queue_length();
 
-		SpinLockAcquire(&batch->mutex);
-		queued = batch->count;
-		SpinLockRelease(&batch->mutex);
-		values[0] = BoolGetDatum(pid != 0 &&
-								 pg_atomic_read_u32(&batch->ready_db) == MyDatabaseId);
+		values[0] = BoolGetDatum(batch_serves(MyDatabaseId));
 		values[1] = Int32GetDatum((int32) pid);
 		nulls[1] = (pid == 0);
 		values[2] = Int32GetDatum(queued);

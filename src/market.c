@@ -245,6 +245,16 @@ market_note_expiry(TimestampTz expires_at)
 void
 market_register_static_worker(const char *function_name, const char *name)
 {
+	market_register_static_worker_arg(function_name, name, (Datum) 0);
+}
+
+/*
+ * market_register_static_worker_arg is market_register_static_worker for
+ * workers of which several run: main_arg tells each which one it is.
+ */
+void
+market_register_static_worker_arg(const char *function_name, const char *name, Datum main_arg)
+{
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
@@ -255,6 +265,7 @@ market_register_static_worker(const char *function_name, const char *name)
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", function_name);
 	snprintf(worker.bgw_name, BGW_MAXLEN, "%s", name);
 	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", name);
+	worker.bgw_main_arg = main_arg;
 	RegisterBackgroundWorker(&worker);
 }
 

@@ -130,6 +130,8 @@ typedef struct TakeList
 extern void market_require_arg(FunctionCallInfo fcinfo, int argno, const char *name);
 extern void market_note_expiry(TimestampTz expires_at);
 extern void market_register_static_worker(const char *function_name, const char *name);
+extern void market_register_static_worker_arg(const char *function_name, const char *name,
+											  Datum main_arg);
 
 /* src/inventory.c: the slot engine; callers are inside SPI_connect */
 extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,
@@ -190,6 +192,7 @@ extern Datum market_buy_now_apply(MarketBuyNow *req);
 extern bool market_batch_reserve;
 extern bool market_batch_worker_enabled;
 extern int	market_batch_max;
+extern int	market_batch_workers;
 extern Size market_batch_shmem_size(void);
 extern void market_batch_shmem_init(void);
 extern void market_define_batch_gucs(void);
