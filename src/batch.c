@@ -27,12 +27,15 @@
  * (the worker stopped while holding the request) raises MK006; the
  * reservation then either never happened or expires by its TTL.
  *
- * Workers: market.batch_workers of them (2 by default), all serving
+ * Workers: market.batch_workers of them (1 by default), all serving
  * market.database and popping the same ring, so that one applies or
  * commits a batch while another takes what arrived meanwhile.  A backend
  * wakes one idle worker; a busy one looks at the ring again before it
- * sleeps.  The slot engine lets two workers sell the same hot SKU from
- * different slots, so they rarely wait for each other.
+ * sleeps.  Caveat: a batch holds the slot locks of all its requests until
+ * it commits, so two workers whose batches take scarce SKUs in different
+ * orders (carts of several lines) can deadlock; the deadlock detector then
+ * fails one checkout with 40P01 after deadlock_timeout.  Hence one worker
+ * by default; more only for single-line sales or plentiful stock.
  *
  * Requests: market.reserve() (market.batch_reserve) and, from 0.4,
  * market.buy_now() (market.batch_checkout).  A checkout runs in a
@@ -179,7 +182,7 @@ bool		market_batch_reserve = false;
 bool		market_batch_checkout = false;
 bool		market_batch_worker_enabled = true;
 int			market_batch_max = 256;
-int			market_batch_workers = 2;
+int			market_batch_workers = 1;
 
 /* this process's worker slot, in a batch worker */
 static int	my_worker = -1;
@@ -264,7 +267,7 @@ market_define_batch_gucs(void)
 	DefineCustomIntVariable("market.batch_workers",
 							"Number of batch workers.",
 							"Each takes what is queued when it is free, so one commits while another works.",
-							&market_batch_workers, 2, 1, MAX_BATCH_WORKERS,
+							&market_batch_workers, 1, 1, MAX_BATCH_WORKERS,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("market.batch_max",
 							"Most reservations the batch worker applies in one transaction.",

@@ -15,9 +15,10 @@
 #      those handed out; the worker really batched;
 #   3. replaying keys (batched and direct) returns the first response
 #      unchanged and writes nothing; the audit is clean;
-#   4. terminating the batch worker in the middle of a race loses nothing:
-#      every call gets an answer (a group, MK001, or MK006 for a checkout the
-#      dying worker held); retrying each MK006 with its key returns the
+#   4. terminating the batch workers while they hold checkouts (held up by a
+#      session locking a SKU's slots) loses nothing: every call gets an
+#      answer (a group, MK001, or MK006 for a checkout a dying worker held,
+#      and there are some); retrying each MK006 with its key returns the
 #      checkout if it was made and makes it otherwise; no order group lacks
 #      its response; the audit is clean.
 #
@@ -222,19 +223,34 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM market.verify_inventory()'
 $node->safe_psql('postgres',
 	"SELECT market.stock_set(s, 1, $STOCK) FROM generate_series(1, 3) AS s");
 my $sold_before = $node->safe_psql('postgres', 'SELECT coalesce(sum(qty), 0) FROM market.order_lines');
-my $old_pid = $node->safe_psql('postgres', 'SELECT pid FROM market.batch_status()');
+# A session holds SKU 1's slot rows, so the workers' batches stop at the
+# first checkout of SKU 1 while holding others: terminating the workers then
+# leaves requests taken and unanswered, which their successors answer MK006.
+my $blocker = $node->background_psql('postgres');
+$blocker->query_safe('BEGIN');
+$blocker->query_safe('SELECT slot FROM market.stock_slots WHERE sku_id = 1 FOR UPDATE');
 my $race = start_race(2);
-usleep(300_000);
-$node->safe_psql('postgres', "SELECT pg_terminate_backend($old_pid)");
+$node->poll_query_until('postgres',
+	q{SELECT count(*) > 0 FROM pg_stat_activity
+	   WHERE backend_type = 'market batch worker' AND wait_event_type = 'Lock'})
+  or die 'no batch worker ever waited for the blocked SKU';
+my $old_pids = $node->safe_psql('postgres',
+	q{SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE backend_type = 'market batch worker'});
+$node->safe_psql('postgres',
+	q{SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'market batch worker'});
+$blocker->query_safe('COMMIT');
+$blocker->quit;
 $r = finish_race($race);
-is_deeply($r->{other}, [], 'after terminating the worker: no error but MK001 and MK006');
+is_deeply($r->{other}, [], 'after terminating the workers: no error but MK001 and MK006');
+cmp_ok(scalar @{ $r->{MK006} }, '>', 0,
+	'the checkouts the terminated workers held were answered MK006 (' . scalar(@{ $r->{MK006} }) . ')');
 is( scalar(keys %{ $r->{groups} }) + @{ $r->{MK001} } + @{ $r->{MK006} },
 	$tries,
 	'every call got an answer ('
 	  . scalar(keys %{ $r->{groups} })
 	  . " checkouts, @{[ scalar @{ $r->{MK006} } ]} MK006)");
 $node->poll_query_until('postgres',
-	"SELECT running AND pid <> $old_pid FROM market.batch_status()")
+	"SELECT running AND pid NOT IN ($old_pids) FROM market.batch_status()")
   or die 'batch worker did not come back';
 
 # a retry of each interrupted call with its key settles it, exactly once
