@@ -516,6 +516,12 @@ BEGIN
 			v_delta := CASE WHEN e.refunded_total IS NOT NULL THEN e.refunded_total - p.refunded_minor
 							ELSE e.amount_minor END;
 		END IF;
+		IF v_delta < 0 AND coalesce(e.captured_total, e.refunded_total) IS NOT NULL THEN
+			-- an older running total arriving after a newer one
+			v_status := CASE WHEN v_status = 'applied' THEN 'applied' ELSE 'ignored' END;
+			v_note := concat_ws('; ', v_note, format('an older running total (%s) than the one recorded', v_op));
+			EXIT decide;
+		END IF;
 		IF v_delta IS NULL OR v_delta < 0 OR (v_delta = 0 AND e.captured_total IS NULL AND e.refunded_total IS NULL) THEN
 			v_status := 'rejected';
 			v_note := format('the event gives no usable %s amount', v_op);
@@ -671,7 +677,7 @@ BEGIN
 			'applied', false, 'payment_id', e.payment_id,
 			'status', (SELECT x.status FROM market.payments x WHERE x.id = e.payment_id),
 			'event_status', e.status,
-			'reason', format('duplicate delivery of an event received at %s (%s)', e.received_at, e.status));
+			'reason', format('duplicate delivery: the event was received before (%s)', e.status));
 	END IF;
 	r := market.psp_webhook_apply(v_id);
 	IF (r ->> 'applied')::boolean THEN
