@@ -328,12 +328,17 @@ BEGIN
 				SELECT * INTO v_att FROM market.payment_attempts a WHERE a.outbox_id = v_job
 				 ORDER BY a.id DESC LIMIT 1;
 			END IF;
-			IF v_job IS NOT NULL AND (v_att.id IS NULL OR v_att.psp_account_id <> e.psp_account_id
+			IF v_job IS NOT NULL AND v_att.id IS NOT NULL AND (v_att.psp_account_id <> e.psp_account_id
 									  OR v_att.outcome NOT IN ('pending', 'unknown')) THEN
 				-- the worker drives this authorization and is not (or no
 				-- longer) at this account
 				v_status := 'ignored';
 				v_note := format('the worker''s authorization is not at %s now; the failure there changes nothing', w.name);
+			ELSIF v_job IS NOT NULL AND v_att.id IS NULL AND e.decline_code = ANY (v_soft) THEN
+				-- the worker has not called yet; a soft decline would send
+				-- it on to the next account, which it does by itself
+				v_status := 'ignored';
+				v_note := format('soft decline (%s) before the worker''s first call: the worker tries the accounts in turn', e.decline_code);
 			ELSIF v_job IS NOT NULL AND e.decline_code = ANY (v_soft) THEN
 				-- a soft decline: the worker moves on to the next account
 				PERFORM market.psp_webhook_settle(v_att.id, 'soft_decline', e.psp_reference, e.decline_code,
@@ -350,6 +355,8 @@ BEGIN
 				IF v_att.id IS NOT NULL THEN
 					PERFORM market.psp_webhook_settle(v_att.id, 'hard_decline', e.psp_reference, e.decline_code,
 						'declined (webhook)', 'ack');
+				ELSIF v_job IS NOT NULL THEN
+					PERFORM market.outbox_ack(ARRAY[v_job], NULL);
 				END IF;
 				UPDATE market.payments x
 				   SET status = 'failed', decline_code = coalesce(e.decline_code, x.decline_code),
