@@ -222,6 +222,9 @@ SELECT pg_temp.ans(pg_temp.stripe(pg_temp.sev('evt_7f', 'payment_intent.payment_
 SELECT pg_temp.state(900007), (SELECT decline_code FROM market.payments WHERE id = 900007);
 SELECT pg_temp.ans(pg_temp.stripe(pg_temp.sev('evt_7a', 'payment_intent.amount_capturable_updated',
 	pg_temp.pi('pi_wh_7', 900007, 'requires_capture', 7000)))) AS success_after_failure;
+SELECT pg_temp.ans(pg_temp.stripe(pg_temp.sev('evt_7c', 'payment_intent.succeeded',
+	pg_temp.pi('pi_wh_7', 900007, 'succeeded', 7000, 7000)))) AS capture_after_failure;
+SELECT pg_temp.state(900007);
 -- amounts that would break the constraints, and a currency mismatch:
 -- recorded 'rejected', not applied, never raised
 SELECT pg_temp.ans(pg_temp.stripe(pg_temp.sev('evt_8a', 'payment_intent.amount_capturable_updated',

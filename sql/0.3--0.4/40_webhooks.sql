@@ -206,7 +206,7 @@ BEGIN
 	v_soft := string_to_array(replace(coalesce(current_setting('market.psp_soft_decline_codes', true),
 		'insufficient_funds,processing_error,do_not_honor,try_again_later,issuer_not_available,reenter_transaction,card_velocity_exceeded'),
 		' ', ''), ',');
-	v_winner := p.psp_account_id = e.psp_account_id AND p.psp_reference = e.psp_reference;
+	v_winner := coalesce(p.psp_account_id = e.psp_account_id AND p.psp_reference = e.psp_reference, false);
 
 	<<decide>>
 	BEGIN
@@ -387,7 +387,8 @@ BEGIN
 				v_note := 'cancellation of an authorization that is not the payment''s (a late one being voided)';
 			ELSIF e.kind IN ('capture', 'refund') THEN
 				v_status := 'rejected';
-				v_note := format('%s of an authorization that is not the payment''s (payment %s at another reference)', e.kind, p.status);
+				v_note := format('%s of an authorization that is not the payment''s (payment %s, its reference %s)',
+								 e.kind, p.status, coalesce(p.psp_reference, 'none'));
 			ELSE
 				v_status := 'ignored';
 				v_note := format('%s of an authorization that is not the payment''s', replace(e.kind, '_', ' '));

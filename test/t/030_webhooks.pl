@@ -171,7 +171,7 @@ sql(q{
 		c uuid := market.cart_create('cust-' || n, 'USD');
 		r jsonb;
 	BEGIN
-		PERFORM market.cart_set_item(c, (SELECT id FROM market.skus WHERE code = 'WH-SKU'), 2);
+		PERFORM market.cart_set_item(c, (SELECT id FROM market.skus WHERE sku_code = 'WH-SKU'), 2);
 		r := market.checkout_complete(market.checkout_begin(c, '10 min'), 'wh-key-' || n,
 									  jsonb_build_object('method', method));
 		RETURN (r #>> '{payment,payment_id}')::bigint;
@@ -187,7 +187,7 @@ sql(q{
 		PERFORM market.stock_set(s, w, 50);
 	END $$;
 });
-my $avail = sub { sql("SELECT market.available((SELECT id FROM market.skus WHERE code = 'WH-SKU'))") };
+my $avail = sub { sql("SELECT market.available((SELECT id FROM market.skus WHERE sku_code = 'WH-SKU'))") };
 is($avail->(), '50', 'part 4: 50 units on hand');
 
 my %pay;
