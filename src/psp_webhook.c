@@ -2,7 +2,8 @@
  *
  * psp_webhook.c
  *	  Webhook signature checks for market.psp_webhook (the SQL side is
- *	  sql/0.2--0.3/20_webhooks.sql): market.psp_hmac_verify(), an
+ *	  sql/0.2--0.3/20_webhooks.sql, and since 0.4, which folds every
+ *	  payment event, sql/0.3--0.4/40_webhooks.sql): market.psp_hmac_verify(), an
  *	  HMAC-SHA256 computed with PostgreSQL's own common/hmac.c and compared
  *	  in constant time, and the setting market.psp_webhook_tolerance.
  *

@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(374);
+SELECT plan(382);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -103,7 +103,9 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'idempotency_purge',
 	'psp_register', 'psp_set_enabled', 'payment_view', 'psp_status', 'psp_breakers', 'psp_claim',
 	'psp_record', 'psp_plan', 'psp_backoff', 'psp_reschedule', 'psp_dead', 'psp_orders_to',
-	'psp_queue_reconcile', 'psp_webhook', 'psp_webhook_fold', 'psp_hmac_verify']);
+	'psp_queue_reconcile', 'psp_webhook', 'psp_hmac_verify',
+	'psp_webhook_settle', 'psp_webhook_reconcile', 'psp_webhook_apply', 'psp_webhook_retry_deferred',
+	'psp_webhook_record', 'psp_webhook_retry']);
 SELECT columns_are('market', 'psp_accounts', ARRAY['id', 'name', 'kind', 'base_url', 'credentials',
 	'priority', 'options', 'enabled', 'created_at']);
 
@@ -131,7 +133,13 @@ SELECT function_returns('market', 'psp_webhook', ARRAY['text', 'jsonb', 'text'],
 SELECT is(pg_get_function_arguments('market.psp_webhook(text, jsonb, text)'::regprocedure),
 	'provider text, headers jsonb, body text', 'psp_webhook arguments');
 SELECT columns_are('market', 'psp_webhook_events', ARRAY['id', 'provider', 'event_id', 'event_type',
-	'psp_account_id', 'psp_reference', 'payment_id', 'status', 'note', 'received_at']);
+	'psp_account_id', 'psp_reference', 'payment_id', 'status', 'note', 'received_at',
+	'kind', 'merchant_reference', 'operation_reference', 'currency', 'amount_minor', 'authorized_total',
+	'captured_total', 'refunded_total', 'decline_code', 'payment_status', 'applied_at']);
+SELECT has_function('market', 'psp_webhook_retry', ARRAY['bigint']);
+SELECT function_returns('market', 'psp_webhook_retry', ARRAY['bigint'], 'integer');
+SELECT is(pg_get_function_arguments('market.psp_webhook_retry(bigint)'::regprocedure),
+	'payment_id bigint DEFAULT NULL::bigint', 'psp_webhook_retry arguments');
 
 SELECT has_function('market', 'seller_create', ARRAY['text']);
 SELECT has_function('market', 'product_create', ARRAY['bigint', 'text', 'text', 'text', 'text', 'jsonb']);
@@ -334,7 +342,12 @@ SELECT is_definer('market', 'psp_dead', ARRAY['bigint', 'text']);
 SELECT is_definer('market', 'psp_orders_to', ARRAY['bigint', 'text', 'text']);
 SELECT is_definer('market', 'psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer']);
 SELECT is_definer('market', 'psp_webhook', ARRAY['text', 'jsonb', 'text']);
-SELECT is_definer('market', 'psp_webhook_fold', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'boolean', 'bigint', 'text']);
+SELECT is_definer('market', 'psp_webhook_settle', ARRAY['bigint', 'text', 'text', 'text', 'text', 'text']);
+SELECT is_definer('market', 'psp_webhook_reconcile', ARRAY['bigint', 'integer', 'integer']);
+SELECT is_definer('market', 'psp_webhook_apply', ARRAY['bigint']);
+SELECT is_definer('market', 'psp_webhook_retry_deferred', ARRAY['bigint']);
+SELECT is_definer('market', 'psp_webhook_record', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'text', 'text', 'text', 'bigint', 'bigint', 'bigint', 'bigint', 'text']);
+SELECT is_definer('market', 'psp_webhook_retry', ARRAY['bigint']);
 SELECT is_definer('market', 'psp_hmac_verify', ARRAY['bytea', 'bytea', 'bytea']);
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),

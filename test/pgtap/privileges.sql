@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(360);
+SELECT plan(380);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -133,7 +133,12 @@ INSERT INTO fn VALUES
 	('psp_orders_to', ARRAY['bigint', 'text', 'text'], false, false),
 	('psp_queue_reconcile', ARRAY['bigint', 'bigint', 'integer'], false, false),
 	('psp_webhook', ARRAY['text', 'jsonb', 'text'], true, true),
-	('psp_webhook_fold', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'boolean', 'bigint', 'text'], false, false),
+	('psp_webhook_settle', ARRAY['bigint', 'text', 'text', 'text', 'text', 'text'], false, false),
+	('psp_webhook_reconcile', ARRAY['bigint', 'integer', 'integer'], false, false),
+	('psp_webhook_apply', ARRAY['bigint'], false, false),
+	('psp_webhook_retry_deferred', ARRAY['bigint'], false, false),
+	('psp_webhook_record', ARRAY['text', 'text', 'text', 'integer', 'text', 'text', 'text', 'text', 'text', 'bigint', 'bigint', 'bigint', 'bigint', 'text'], false, false),
+	('psp_webhook_retry', ARRAY['bigint'], false, true),
 	('psp_hmac_verify', ARRAY['bytea', 'bytea', 'bytea'], false, false);
 SELECT is((SELECT count(*)::int FROM fn), (SELECT count(*)::int FROM pg_proc WHERE pronamespace = 'market'::regnamespace),
 	'the list below covers every market function');

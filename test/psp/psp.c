@@ -3617,11 +3617,31 @@ ctl_hmac(ctx *c)
 	json_free(body);
 }
 
+/* a Charge of a PaymentIntent as Stripe shows it (charge.* events) */
+static void
+stripe_charge_json(buf_t *b, const payment *p)
+{
+	char		cur[4];
+
+	lower3(p->currency, cur);
+	buf_printf(b, "{\"id\":\"%s\",\"object\":\"charge\",\"amount\":%lld,\"amount_captured\":%lld,"
+			   "\"amount_refunded\":%lld,\"captured\":%s,\"currency\":\"%s\",\"livemode\":false,"
+			   "\"metadata\":%s,\"payment_intent\":\"%s\",\"refunded\":%s,\"status\":\"%s\"}",
+			   p->charge_id, p->authorized, p->captured, p->refunded, p->captured > 0 ? "true" : "false",
+			   cur, p->metadata, p->id, p->captured > 0 && p->refunded == p->captured ? "true" : "false",
+			   p->declined ? "failed" : "succeeded");
+}
+
 static void
 webhook_stripe(ctx *c, const jval *in)
 {
-	const char *type = jstr(in, "type") ? jstr(in, "type") : "payment_intent.succeeded";
 	const char *pi = jstr(in, "payment_intent");
+	const char *refund_id = jstr(in, "refund");
+	jval	   *chv = jget(in, "charge");
+	int			as_charge = chv && chv->t == J_BOOL && chv->b;
+	object	   *refund = NULL;
+	const char *type = jstr(in, "type") ? jstr(in, "type") :
+		refund_id ? "refund.updated" : as_charge ? "charge.refunded" : "payment_intent.succeeded";
 	const char *secret = jstr(in, "secret") ? jstr(in, "secret") : stripe_whsec;
 	jval	   *obj = jget(in, "object");
 	jval	   *tsv = jget(in, "timestamp");
@@ -3639,6 +3659,15 @@ webhook_stripe(ctx *c, const jval *in)
 		ctl_error(c, 400, "\"timestamp\" must be an integer (unix seconds)");
 		return;
 	}
+	if (refund_id)
+	{
+		refund = map_get(&objects, refund_id);
+		if (!refund || refund->type != OB_REFUND || refund->p->kind != K_STRIPE)
+		{
+			ctl_error(c, 404, "no such Stripe refund");
+			return;
+		}
+	}
 	if (pi)
 	{
 		p = map_get(&payments, pi);
@@ -3648,9 +3677,14 @@ webhook_stripe(ctx *c, const jval *in)
 			return;
 		}
 	}
-	if (!p && (!obj || obj->t != J_OBJ))
+	if (as_charge && (!p || !p->charge_id[0]))
 	{
-		ctl_error(c, 400, "give \"payment_intent\" (an id this server issued) or \"object\" (a JSON object)");
+		ctl_error(c, 400, "\"charge\": true needs the \"payment_intent\" of a confirmed payment");
+		return;
+	}
+	if (!p && !refund && (!obj || obj->t != J_OBJ))
+	{
+		ctl_error(c, 400, "give \"payment_intent\" (an id this server issued), \"refund\" or \"object\" (a JSON object)");
 		return;
 	}
 	if (jstr(in, "id"))
@@ -3664,6 +3698,10 @@ webhook_stripe(ctx *c, const jval *in)
 			   "\"data\":{\"object\":", ts);
 	if (obj && obj->t == J_OBJ)
 		json_write(&body, obj, 0);
+	else if (refund)
+		stripe_refund_json(&body, refund);
+	else if (as_charge)
+		stripe_charge_json(&body, p);
 	else
 		stripe_pi_json(&body, p);
 	buf_adds(&body, "},\"livemode\":false,\"pending_webhooks\":1,"
