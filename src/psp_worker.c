@@ -960,16 +960,18 @@ job_from_plan(Jsonb *plan)
 /*
  * claim_jobs runs market.psp_claim() in a transaction of its own and
  * returns the planned jobs (allocated in cxt).  *missing is set when the
- * extension (0.3) is not installed.
+ * extension (0.3) is not installed, *old_sql when it is at 0.3 (whose
+ * claim and record need fresh planner statistics: refresh_stats).
  */
 static PspJob **
-claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
+claim_jobs(MemoryContext cxt, int *njobs, bool *missing, bool *old_sql)
 {
 	PspJob	  **jobs = NULL;
 	StringInfoData open,
 				probe;
 
 	*njobs = 0;
+	*old_sql = false;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -979,15 +981,26 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
 	*missing = !OidIsValid(get_extension_oid("market", true));
 	if (!*missing)
 	{
-		int			ret = SPI_execute("SELECT to_regprocedure('market.psp_claim(text,int,int[],int[],interval)') IS NOT NULL",
-									  true, 1);
+		static SPIPlanPtr check_plan = NULL;
+		int			ret;
 		bool		isnull;
+		char	   *version;
 
+		/* psp_claim exists from 0.3; its set-based body from 0.4 */
+		market_prepare(&check_plan,
+					   "SELECT to_regprocedure('market.psp_claim(text,int,int[],int[],interval)') IS NOT NULL,"
+					   " (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'market')",
+					   0, NULL);
+		ret = SPI_execute_plan(check_plan, NULL, NULL, true, 1);
 		*missing = !(ret == SPI_OK_SELECT && SPI_processed == 1 &&
 					 DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+		version = (ret == SPI_OK_SELECT && SPI_processed == 1) ?
+			SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2) : NULL;
+		*old_sql = (version != NULL && strcmp(version, "0.3") == 0);
 	}
 	if (!*missing)
 	{
+		static SPIPlanPtr claim_plan = NULL;
 		Oid			types[4] = {TEXTOID, INT4OID, TEXTOID, TEXTOID};
 		Datum		values[4];
 		bool		isnull;
@@ -1000,8 +1013,8 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
 		values[1] = Int32GetDatum(psp_batch_size);
 		values[2] = CStringGetTextDatum(open.data);
 		values[3] = CStringGetTextDatum(probe.data);
-		ret = SPI_execute_with_args("SELECT market.psp_claim($1, $2, $3::int[], $4::int[])",
-									4, types, values, NULL, false, 1);
+		market_prepare(&claim_plan, "SELECT market.psp_claim($1, $2, $3::int[], $4::int[])", 4, types);
+		ret = SPI_execute_plan(claim_plan, values, NULL, false, 1);
 		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "market: psp_claim failed");
 		{
@@ -1041,7 +1054,8 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
  * faster than autovacuum analyzes leaves the planner thinking the outbox's
  * pending rows are a handful; outbox_claim's and outbox_ack's anti-joins
  * then scan every pending row for every row (quadratic in the queue).
- * Runs in a transaction of its own; skipped when the extension is missing.
+ * Runs in a transaction of its own; only while the extension is at 0.3
+ * (0.4's statements do not depend on fresh statistics).
  */
 static void
 refresh_stats(void)
@@ -1122,6 +1136,7 @@ append_result(StringInfo b, PspJob *job)
 static void
 record_jobs(PspJob **jobs, int njobs)
 {
+	static SPIPlanPtr record_plan = NULL;
 	StringInfoData b;
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
@@ -1139,8 +1154,8 @@ record_jobs(PspJob **jobs, int njobs)
 	pgstat_report_activity(STATE_RUNNING, "market psp worker: recording");
 	values[0] = CStringGetTextDatum(PSP_CONSUMER);
 	values[1] = CStringGetTextDatum(b.data);
-	if (SPI_execute_with_args("SELECT market.psp_record($1, $2::jsonb)", 2, types, values,
-							  NULL, false, 1) != SPI_OK_SELECT)
+	market_prepare(&record_plan, "SELECT market.psp_record($1, $2::jsonb)", 2, types);
+	if (SPI_execute_plan(record_plan, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "market: psp_record failed");
 	SPI_finish();
 	PopActiveSnapshot();
@@ -1222,6 +1237,7 @@ market_psp_worker_main(Datum main_arg)
 		int			njobs = 0;
 		bool		missing = false;
 		MemoryContext old;
+		static bool old_sql = false;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -1239,9 +1255,11 @@ market_psp_worker_main(Datum main_arg)
 						t3,
 						t4;
 
-			refresh_stats();
+			/* only 0.3's claim and record need fresh statistics */
+			if (old_sql)
+				refresh_stats();
 			t1 = GetCurrentTimestamp();
-			jobs = claim_jobs(cycle_cxt, &njobs, &missing);
+			jobs = claim_jobs(cycle_cxt, &njobs, &missing, &old_sql);
 			t2 = GetCurrentTimestamp();
 			t3 = t2;
 			t4 = t2;
