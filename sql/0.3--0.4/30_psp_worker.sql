@@ -65,7 +65,7 @@ BEGIN
 	UPDATE market.outbox o
 	   SET acked_at = clock_timestamp(), lease_until = NULL
 	 WHERE o.id = ANY (v_ids)
-	   AND o.acked_at IS NULL AND o.dead_at IS NULL
+	   AND coalesce(o.acked_at, o.dead_at) IS NULL
 	   AND (v_consumer IS NULL OR o.lease_owner = v_consumer)
 	   AND (SELECT e.id FROM market.outbox e
 			 WHERE e.topic = o.topic
@@ -105,8 +105,14 @@ DECLARE
 		coalesce(current_setting('market.psp_lease', true), '60s')::interval);
 	v_max_attempts int := current_setting('market.outbox_max_attempts')::int;
 	v_now timestamptz := clock_timestamp();
-	v_heads bigint[];
-	v_dead bigint[];
+	v_window int := 2 * psp_claim.max + 100;
+	v_after bigint := 0;
+	v_last bigint;
+	v_seen bigint;
+	v_heads bigint[] := '{}';
+	v_dead bigint[] := '{}';
+	v_got bigint[];
+	v_got_dead bigint[];
 	v_msgs market.outbox_message[];
 	v_fast bigint[];
 	v_jobs jsonb := '[]';
@@ -134,24 +140,61 @@ BEGIN
 	END IF;
 
 	-- 1. the heads: the oldest undelivered row of each aggregate, its lease
-	--    free or run out, oldest first, nobody else's lock on it
-	SELECT array_agg(h.id ORDER BY h.id),
-		   array_agg(h.id ORDER BY h.id) FILTER (WHERE h.attempts >= v_max_attempts)
-	  INTO v_heads, v_dead
-	  FROM (SELECT o.id, o.attempts
-			  FROM market.outbox o
-			 WHERE o.topic = 'psp' AND o.acked_at IS NULL AND o.dead_at IS NULL
-			   AND (o.lease_until IS NULL OR o.lease_until <= v_now)
-			   AND o.id = (SELECT min(e.id) FROM market.outbox e
-							WHERE e.topic = 'psp'
-							  AND e.aggregate_type = o.aggregate_type
-							  AND e.aggregate_id = o.aggregate_id
-							  AND e.acked_at IS NULL AND e.dead_at IS NULL)
-			 ORDER BY o.id
-			 LIMIT v_max
-			   FOR UPDATE OF o SKIP LOCKED) h;
-	IF v_heads IS NULL THEN
+	--    free or run out, oldest first, nobody else's lock on it.  The queue
+	--    is walked in windows of claimable rows in id order (a LIMITed walk
+	--    of outbox_topic_pending_idx), and only the rows of a window are
+	--    checked for being heads (a probe of outbox_pending_idx each), so no
+	--    plan the statistics may lead to costs more than a window per
+	--    statement.  A window that yields too few heads (rows queued behind
+	--    a head in backoff, rows others hold) is followed by the next one.
+	LOOP
+		EXECUTE $q$
+		SELECT array_agg(h.id ORDER BY h.id),
+			   array_agg(h.id ORDER BY h.id) FILTER (WHERE h.attempts >= $1)
+		  FROM (SELECT o.id, o.attempts
+				  FROM market.outbox o
+				 WHERE o.id IN (SELECT c.id FROM market.outbox c
+								 WHERE c.topic = 'psp' AND c.acked_at IS NULL AND c.dead_at IS NULL
+								   AND (c.lease_until IS NULL OR c.lease_until <= $2)
+								   AND c.id > $3
+								 ORDER BY c.id
+								 LIMIT $4)
+				   AND coalesce(o.acked_at, o.dead_at) IS NULL
+				   AND (o.lease_until IS NULL OR o.lease_until <= $2)
+				   AND o.id = (SELECT min(e.id) FROM market.outbox e
+								WHERE e.topic = 'psp'
+								  AND e.aggregate_type = o.aggregate_type
+								  AND e.aggregate_id = o.aggregate_id
+								  AND e.acked_at IS NULL AND e.dead_at IS NULL)
+				 ORDER BY o.id
+				 LIMIT $5
+				   FOR UPDATE OF o SKIP LOCKED) h
+		$q$
+		INTO v_got, v_got_dead
+		USING v_max_attempts, v_now, v_after, v_window, v_max - coalesce(cardinality(v_heads), 0);
+		v_heads := v_heads || coalesce(v_got, '{}');
+		v_dead := v_dead || coalesce(v_got_dead, '{}');
+		EXIT WHEN cardinality(v_heads) >= v_max;
+		-- where the window ended, and whether it was full
+		EXECUTE $q$
+		SELECT max(w.id), count(*)
+		  FROM (SELECT c.id FROM market.outbox c
+				 WHERE c.topic = 'psp' AND c.acked_at IS NULL AND c.dead_at IS NULL
+				   AND (c.lease_until IS NULL OR c.lease_until <= $1)
+				   AND c.id > $2
+				 ORDER BY c.id
+				 LIMIT $3) w
+		$q$
+		INTO v_last, v_seen
+		USING v_now, v_after, v_window;
+		EXIT WHEN v_seen < v_window;
+		v_after := v_last;
+	END LOOP;
+	IF cardinality(v_heads) = 0 THEN
 		RETURN v_jobs;
+	END IF;
+	IF cardinality(v_dead) = 0 THEN
+		v_dead := NULL;
 	END IF;
 
 	-- 2. poison: handed out max_attempts times, never answered
@@ -188,27 +231,34 @@ BEGIN
 
 	-- 4. the payments of the batch, locked in id order (psp_plan locks each
 	--    again, which costs nothing)
-	PERFORM FROM market.payments p
-	 WHERE p.id IN (SELECT (x.payload ->> 'payment_id')::bigint FROM unnest(v_msgs) x
+	EXECUTE $q$
+	SELECT FROM market.payments p
+	 WHERE p.id IN (SELECT (x.payload ->> 'payment_id')::bigint FROM unnest($1) x
 					 WHERE x.payload ->> 'payment_id' ~ '^[0-9]{1,18}$')
 	 ORDER BY p.id
-	   FOR UPDATE OF p;
+	   FOR UPDATE OF p
+	$q$
+	USING v_msgs;
 
 	-- 5. first authorizations, all at once: the account is the first
 	--    enabled one by priority (the payment's own choice first) whose
 	--    breaker is closed; the intent is written 'pending' as psp_plan does
 	IF cardinality(v_probe) = 0 THEN
+		EXECUTE $q$
 		WITH f AS (
 			SELECT m1.id AS outbox_id, p.id AS payment_id, p.amount_minor, p.currency,
 				   p.method, p.psp_reference,
 				   (m1.payload ->> 'order_id')::bigint AS order_id,
 				   a.id AS account_id, a.name AS account, a.kind, a.base_url, a.credentials,
 				   (a.options ->> 'timeout_ms')::int AS timeout_ms
-			  FROM unnest(v_msgs) m1
-			  JOIN market.payments p ON p.id = (m1.payload ->> 'payment_id')::bigint
+			  FROM unnest($1) m1
+			 CROSS JOIN LATERAL (
+					SELECT x.* FROM market.payments x
+					 WHERE x.id = (m1.payload ->> 'payment_id')::bigint
+					 LIMIT 1) p
 			 CROSS JOIN LATERAL (
 					SELECT x.* FROM market.psp_accounts x
-					 WHERE x.enabled AND x.id <> ALL (v_skip)
+					 WHERE x.enabled AND x.id <> ALL ($2)
 					 ORDER BY (x.name = p.psp) DESC NULLS LAST, x.priority, x.id
 					 LIMIT 1) a
 			 WHERE m1.event_type = 'payment.authorize'
@@ -249,8 +299,10 @@ BEGIN
 					'base_url', f.base_url,
 					'credentials', f.credentials,
 					'timeout_ms', f.timeout_ms) ORDER BY f.outbox_id), '[]')
-		  INTO v_fast, v_jobs
-		  FROM f JOIN ins i ON i.outbox_id = f.outbox_id;
+		  FROM f JOIN ins i ON i.outbox_id = f.outbox_id
+		$q$
+		INTO v_fast, v_jobs
+		USING v_msgs, v_skip;
 	END IF;
 
 	-- 6. every other row, one at a time, as in 0.3; a half-open account
@@ -333,35 +385,48 @@ BEGIN
 	 WHERE x ->> 'attempt_id' ~ '^[0-9]{1,18}$';
 	IF v_atts IS NOT NULL AND EXISTS (SELECT FROM jsonb_array_elements(results) x
 									 WHERE x ->> 'outcome' = 'succeeded') THEN
-		PERFORM FROM market.payment_attempts x WHERE x.id = ANY (v_atts) ORDER BY x.id FOR UPDATE OF x;
-		PERFORM FROM market.outbox x
-		 WHERE x.id IN (SELECT a.outbox_id FROM market.payment_attempts a WHERE a.id = ANY (v_atts))
-		 ORDER BY x.id FOR UPDATE OF x;
-		PERFORM FROM market.payments x
-		 WHERE x.id IN (SELECT a.payment_id FROM market.payment_attempts a WHERE a.id = ANY (v_atts))
-		 ORDER BY x.id FOR UPDATE OF x;
+		EXECUTE $q$
+		SELECT FROM market.payment_attempts x WHERE x.id = ANY ($1) ORDER BY x.id FOR UPDATE OF x
+		$q$
+		USING v_atts;
+		EXECUTE $q$
+		SELECT FROM market.outbox x
+		 WHERE x.id IN (SELECT a.outbox_id FROM market.payment_attempts a WHERE a.id = ANY ($1))
+		 ORDER BY x.id FOR UPDATE OF x
+		$q$
+		USING v_atts;
+		EXECUTE $q$
+		SELECT FROM market.payments x
+		 WHERE x.id IN (SELECT a.payment_id FROM market.payment_attempts a WHERE a.id = ANY ($1))
+		 ORDER BY x.id FOR UPDATE OF x
+		$q$
+		USING v_atts;
+		EXECUTE $q$
 		SELECT jsonb_agg(jsonb_build_object(
 					'pos', y.pos, 'attempt_id', y.attempt_id, 'outbox_id', y.outbox_id,
 					'payment_id', y.payment_id, 'group_id', y.group_id, 'account_id', y.account_id,
 					'psp', y.psp, 'amount_minor', y.amount_minor, 'r', y.r) ORDER BY y.pos),
 			   array_agg(y.attempt_id ORDER BY y.pos), array_agg(y.pos ORDER BY y.pos)
-		  INTO v_f, v_fast, v_fast_pos
 		  FROM (SELECT x.pos, x.r, t1.id AS attempt_id, t1.outbox_id, t1.payment_id, p1.group_id,
 					   t1.psp_account_id AS account_id, t1.psp, t1.amount_minor,
 					   t1.outcome AS was, m1.acked_at, m1.dead_at, m1.event_type, p1.status,
 					   row_number() OVER (PARTITION BY t1.id ORDER BY x.pos) AS first_of_attempt,
 					   row_number() OVER (PARTITION BY t1.payment_id ORDER BY x.pos) AS first_of_payment
-				  FROM jsonb_array_elements(results) WITH ORDINALITY AS x(r, pos)
-				  JOIN market.payment_attempts t1 ON t1.id = (x.r ->> 'attempt_id')::bigint
-				  JOIN market.outbox m1 ON m1.id = t1.outbox_id
-				  JOIN market.payments p1 ON p1.id = t1.payment_id
-				 WHERE x.r ->> 'attempt_id' ~ '^[0-9]{1,18}$') y
+				  FROM jsonb_array_elements($1) WITH ORDINALITY AS x(r, pos)
+				 CROSS JOIN LATERAL (SELECT a.* FROM market.payment_attempts a
+									  WHERE a.id = (x.r ->> 'attempt_id')::bigint
+										AND x.r ->> 'attempt_id' ~ '^[0-9]{1,18}$' LIMIT 1) t1
+				 CROSS JOIN LATERAL (SELECT b.* FROM market.outbox b WHERE b.id = t1.outbox_id LIMIT 1) m1
+				 CROSS JOIN LATERAL (SELECT c.* FROM market.payments c WHERE c.id = t1.payment_id LIMIT 1) p1) y
 		 WHERE y.first_of_attempt = 1 AND y.first_of_payment = 1
 		   AND y.r ->> 'outcome' = 'succeeded'
 		   AND y.was = 'pending'
 		   AND y.acked_at IS NULL AND y.dead_at IS NULL
 		   AND y.event_type = 'payment.authorize'
-		   AND y.status = 'pending';
+		   AND y.status = 'pending'
+		$q$
+		INTO v_f, v_fast, v_fast_pos
+		USING results;
 	END IF;
 
 	IF v_fast IS NOT NULL THEN
@@ -369,6 +434,7 @@ BEGIN
 			RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'MK020';
 		END IF;
 		-- the intermediate calls, then the attempts themselves
+		EXECUTE $q$
 		INSERT INTO market.payment_attempts (payment_id, order_id, outbox_id, psp_account_id, psp,
 			operation, idempotency_key, amount_minor, request, http_status, outcome, decline_code,
 			psp_reference, latency_ms, error, started_at, finished_at)
@@ -377,10 +443,13 @@ BEGIN
 			   (c1 ->> 'http_status')::int, c1 ->> 'outcome', c1 ->> 'decline_code',
 			   c1 ->> 'psp_reference', (c1 ->> 'latency_ms')::float8, left(c1 ->> 'error', 2000),
 			   clock_timestamp(), clock_timestamp()
-		  FROM jsonb_to_recordset(v_f) AS f(pos bigint, attempt_id bigint, r jsonb)
+		  FROM jsonb_to_recordset($1) AS f(pos bigint, attempt_id bigint, r jsonb)
 		  JOIN market.payment_attempts t1 ON t1.id = f.attempt_id
 		 CROSS JOIN LATERAL jsonb_array_elements(coalesce(f.r -> 'calls', '[]')) WITH ORDINALITY AS c(c1, n)
-		 ORDER BY f.pos, c.n;
+		 ORDER BY f.pos, c.n
+		$q$
+		USING v_f;
+		EXECUTE $q$
 		UPDATE market.payment_attempts x
 		   SET outcome = 'succeeded',
 			   http_status = (f.r ->> 'http_status')::int,
@@ -390,43 +459,56 @@ BEGIN
 			   psp_reference = coalesce(f.r ->> 'capture_reference', f.r ->> 'psp_reference'),
 			   request = coalesce(left(f.r ->> 'request', 500), x.request),
 			   finished_at = clock_timestamp()
-		  FROM jsonb_to_recordset(v_f) AS f(attempt_id bigint, r jsonb)
-		 WHERE x.id = f.attempt_id;
+		  FROM jsonb_to_recordset($1) AS f(attempt_id bigint, r jsonb)
+		 WHERE x.id = f.attempt_id
+		$q$
+		USING v_f;
+		EXECUTE $q$
 		UPDATE market.payments x
 		   SET status = 'authorized', authorized_minor = f.amount_minor,
 			   psp_account_id = f.account_id, psp_reference = f.r ->> 'psp_reference',
 			   decline_code = NULL, last_error = NULL, updated_at = now()
-		  FROM jsonb_to_recordset(v_f) AS f(payment_id bigint, account_id int, amount_minor bigint, r jsonb)
-		 WHERE x.id = f.payment_id;
+		  FROM jsonb_to_recordset($1) AS f(payment_id bigint, account_id int, amount_minor bigint, r jsonb)
+		 WHERE x.id = f.payment_id
+		$q$
+		USING v_f;
 		-- the orders of each group that wait for the payment: confirmed
-		PERFORM market.order_transition(o.id, 'confirmed', format('payment authorized at %s', o.psp))
-		   FROM (SELECT x.id, f.psp
-				   FROM jsonb_to_recordset(v_f) AS f(group_id bigint, psp text)
-				   JOIN market.orders x ON x.group_id = f.group_id
-				  WHERE x.status = 'created'
-				  ORDER BY x.id
-					FOR UPDATE OF x) o;
+		EXECUTE $q$
+		SELECT market.order_transition(o.id, 'confirmed', format('payment authorized at %s', f.psp))
+		   FROM jsonb_to_recordset($1) AS f(pos bigint, group_id bigint, psp text)
+		  CROSS JOIN LATERAL (
+				SELECT x.id FROM market.orders x
+				 WHERE x.group_id = f.group_id AND x.status = 'created'
+				 ORDER BY x.id
+				   FOR UPDATE OF x) o
+		  ORDER BY f.pos, o.id
+		$q$
+		USING v_f;
 		-- a reconcile job for every other account left with an unknown outcome
+		EXECUTE $q$
 		INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)
 		SELECT 'psp', 'payment.reconcile', 'psp_reconcile', f.payment_id,
 			   jsonb_build_object('payment_id', f.payment_id, 'account_id', l.psp_account_id,
 								  'authorize_outbox_id', f.outbox_id)
-		  FROM jsonb_to_recordset(v_f) AS f(pos bigint, outbox_id bigint, payment_id bigint, account_id int)
+		  FROM jsonb_to_recordset($1) AS f(pos bigint, outbox_id bigint, payment_id bigint, account_id int)
 		 CROSS JOIN LATERAL (
 				SELECT DISTINCT ON (a.psp_account_id) a.psp_account_id, a.outcome
 				  FROM market.payment_attempts a
 				 WHERE a.outbox_id = f.outbox_id AND a.operation = 'authorize'
 				 ORDER BY a.psp_account_id, a.id DESC) l
 		 WHERE l.outcome = 'unknown' AND l.psp_account_id IS DISTINCT FROM f.account_id
-		 ORDER BY f.pos, l.psp_account_id;
+		 ORDER BY f.pos, l.psp_account_id
+		$q$
+		USING v_f;
 		-- the rows are delivered (each the head of its aggregate, held by
 		-- consumer), as outbox_ack does
+		EXECUTE $q$
 		UPDATE market.outbox o
 		   SET acked_at = clock_timestamp(), lease_until = NULL
-		  FROM jsonb_to_recordset(v_f) AS f(outbox_id bigint)
+		  FROM jsonb_to_recordset($1) AS f(outbox_id bigint)
 		 WHERE o.id = f.outbox_id
-		   AND o.acked_at IS NULL AND o.dead_at IS NULL
-		   AND (consumer IS NULL OR o.lease_owner = consumer)
+		   AND coalesce(o.acked_at, o.dead_at) IS NULL
+		   AND ($2 IS NULL OR o.lease_owner = $2)
 		   AND (SELECT e.id FROM market.outbox e
 				 WHERE e.topic = o.topic
 				   AND e.aggregate_type = o.aggregate_type
@@ -434,7 +516,9 @@ BEGIN
 				   AND e.id < o.id
 				   AND e.acked_at IS NULL AND e.dead_at IS NULL
 				 ORDER BY e.topic, e.aggregate_type, e.aggregate_id, e.id
-				 LIMIT 1) IS NULL;
+				 LIMIT 1) IS NULL
+		$q$
+		USING v_f, consumer;
 		v_n := cardinality(v_fast);
 	END IF;
 
