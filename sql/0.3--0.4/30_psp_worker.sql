@@ -110,9 +110,8 @@ DECLARE
 	v_last bigint;
 	v_seen bigint;
 	v_heads bigint[] := '{}';
-	v_dead bigint[] := '{}';
+	v_dead bigint[];
 	v_got bigint[];
-	v_got_dead bigint[];
 	v_msgs market.outbox_message[];
 	v_fast bigint[];
 	v_jobs jsonb := '[]';
@@ -141,63 +140,58 @@ BEGIN
 
 	-- 1. the heads: the oldest undelivered row of each aggregate, its lease
 	--    free or run out, oldest first, nobody else's lock on it.  The queue
-	--    is walked in windows of claimable rows in id order (a LIMITed walk
-	--    of outbox_topic_pending_idx), and only the rows of a window are
-	--    checked for being heads (a probe of outbox_pending_idx each), so no
-	--    plan the statistics may lead to costs more than a window per
-	--    statement.  A window that yields too few heads (rows queued behind
-	--    a head in backoff, rows others hold) is followed by the next one.
+	--    is walked in windows of claimable rows in id order (a LIMITed scan);
+	--    the rows of a window that come first in their aggregate among all
+	--    undelivered rows up to the window's end (read once, numbered per
+	--    aggregate) are its heads.  No statement probes the queue once per
+	--    row (a probe a stale plan could turn into a walk of the queue from
+	--    its start, per row): whatever the plan, a statement reads the queue
+	--    up to the end of one window.  A window that yields too few heads
+	--    (rows behind a head in backoff, rows others hold) is followed by the
+	--    next one.
 	LOOP
 		EXECUTE $q$
-		SELECT array_agg(h.id ORDER BY h.id),
-			   array_agg(h.id ORDER BY h.id) FILTER (WHERE h.attempts >= $1)
-		  FROM (SELECT o.id, o.attempts
-				  FROM market.outbox o
-				 WHERE o.id IN (SELECT c.id FROM market.outbox c
-								 WHERE c.topic = 'psp' AND c.acked_at IS NULL AND c.dead_at IS NULL
-								   AND (c.lease_until IS NULL OR c.lease_until <= $2)
-								   AND c.id > $3
-								 ORDER BY c.id
-								 LIMIT $4)
-				   AND coalesce(o.acked_at, o.dead_at) IS NULL
-				   AND (o.lease_until IS NULL OR o.lease_until <= $2)
-				   AND o.id = (SELECT min(e.id) FROM market.outbox e
-								WHERE e.topic = 'psp'
-								  AND e.aggregate_type = o.aggregate_type
-								  AND e.aggregate_id = o.aggregate_id
-								  AND e.acked_at IS NULL AND e.dead_at IS NULL)
-				 ORDER BY o.id
-				 LIMIT $5
-				   FOR UPDATE OF o SKIP LOCKED) h
+		WITH w AS MATERIALIZED (
+			SELECT c.id
+			  FROM market.outbox c
+			 WHERE c.topic = 'psp' AND c.acked_at IS NULL AND c.dead_at IS NULL
+			   AND (c.lease_until IS NULL OR c.lease_until <= $1)
+			   AND c.id > $2
+			 ORDER BY c.id
+			 LIMIT $3),
+		front AS (
+			SELECT e.id,
+				   (e.lease_until IS NULL OR e.lease_until <= $1) AND e.id > $2 AS in_window,
+				   row_number() OVER (PARTITION BY e.aggregate_type, e.aggregate_id ORDER BY e.id) AS k
+			  FROM market.outbox e
+			 WHERE e.topic = 'psp' AND e.acked_at IS NULL AND e.dead_at IS NULL
+			   AND e.id <= (SELECT max(w.id) FROM w)),
+		heads AS (
+			SELECT f.id FROM front f WHERE f.k = 1 AND f.in_window)
+		SELECT (SELECT array_agg(h.id ORDER BY h.id)
+				  FROM (SELECT o.id FROM market.outbox o
+						 WHERE o.id IN (SELECT heads.id FROM heads)
+						   AND coalesce(o.acked_at, o.dead_at) IS NULL
+						   AND (o.lease_until IS NULL OR o.lease_until <= $1)
+						 ORDER BY o.id
+						 LIMIT $4
+						   FOR UPDATE OF o SKIP LOCKED) h),
+			   (SELECT max(w.id) FROM w),
+			   (SELECT count(*) FROM w)
 		$q$
-		INTO v_got, v_got_dead
-		USING v_max_attempts, v_now, v_after, v_window, v_max - coalesce(cardinality(v_heads), 0);
+		INTO v_got, v_last, v_seen
+		USING v_now, v_after, v_window, v_max - cardinality(v_heads);
 		v_heads := v_heads || coalesce(v_got, '{}');
-		v_dead := v_dead || coalesce(v_got_dead, '{}');
-		EXIT WHEN cardinality(v_heads) >= v_max;
-		-- where the window ended, and whether it was full
-		EXECUTE $q$
-		SELECT max(w.id), count(*)
-		  FROM (SELECT c.id FROM market.outbox c
-				 WHERE c.topic = 'psp' AND c.acked_at IS NULL AND c.dead_at IS NULL
-				   AND (c.lease_until IS NULL OR c.lease_until <= $1)
-				   AND c.id > $2
-				 ORDER BY c.id
-				 LIMIT $3) w
-		$q$
-		INTO v_last, v_seen
-		USING v_now, v_after, v_window;
-		EXIT WHEN v_seen < v_window;
+		EXIT WHEN cardinality(v_heads) >= v_max OR v_seen < v_window;
 		v_after := v_last;
 	END LOOP;
 	IF cardinality(v_heads) = 0 THEN
 		RETURN v_jobs;
 	END IF;
-	IF cardinality(v_dead) = 0 THEN
-		v_dead := NULL;
-	END IF;
 
 	-- 2. poison: handed out max_attempts times, never answered
+	SELECT array_agg(o.id ORDER BY o.id) INTO v_dead
+	  FROM market.outbox o WHERE o.id = ANY (v_heads) AND o.attempts >= v_max_attempts;
 	IF v_dead IS NOT NULL THEN
 		UPDATE market.outbox o
 		   SET dead_at = v_now, lease_until = NULL,
@@ -500,23 +494,23 @@ BEGIN
 		 ORDER BY f.pos, l.psp_account_id
 		$q$
 		USING v_f;
-		-- the rows are delivered (each the head of its aggregate, held by
-		-- consumer), as outbox_ack does
+		-- the rows are delivered, each held by consumer and the head of its
+		-- aggregate (as outbox_ack checks; the heads are numbered among the
+		-- undelivered rows up to the batch's last row, read once)
 		EXECUTE $q$
+		WITH f AS (SELECT x.outbox_id FROM jsonb_to_recordset($1) AS x(outbox_id bigint)),
+		front AS (
+			SELECT e.id,
+				   row_number() OVER (PARTITION BY e.topic, e.aggregate_type, e.aggregate_id ORDER BY e.id) AS k
+			  FROM market.outbox e
+			 WHERE e.topic = 'psp' AND e.acked_at IS NULL AND e.dead_at IS NULL
+			   AND e.id <= (SELECT max(f.outbox_id) FROM f))
 		UPDATE market.outbox o
 		   SET acked_at = clock_timestamp(), lease_until = NULL
-		  FROM jsonb_to_recordset($1) AS f(outbox_id bigint)
-		 WHERE o.id = f.outbox_id
+		 WHERE o.id IN (SELECT front.id FROM front WHERE front.k = 1
+						   AND front.id IN (SELECT f.outbox_id FROM f))
 		   AND coalesce(o.acked_at, o.dead_at) IS NULL
-		   AND ($2 IS NULL OR o.lease_owner = $2)
-		   AND (SELECT e.id FROM market.outbox e
-				 WHERE e.topic = o.topic
-				   AND e.aggregate_type = o.aggregate_type
-				   AND e.aggregate_id = o.aggregate_id
-				   AND e.id < o.id
-				   AND e.acked_at IS NULL AND e.dead_at IS NULL
-				 ORDER BY e.topic, e.aggregate_type, e.aggregate_id, e.id
-				 LIMIT 1) IS NULL
+		   AND ($2::text IS NULL OR o.lease_owner = $2)
 		$q$
 		USING v_f, consumer;
 		v_n := cardinality(v_fast);
