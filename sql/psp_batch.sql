@@ -21,6 +21,14 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- the PSP rows earlier tests left open are parked (leased to nobody's
+-- worker until the end of this test), so the claims below see only ours
+CREATE TEMP TABLE parked AS
+	SELECT id, lease_owner, lease_until FROM market.outbox
+	 WHERE topic = 'psp' AND acked_at IS NULL AND dead_at IS NULL;
+UPDATE market.outbox o SET lease_owner = 'psp_batch: parked', lease_until = 'infinity'
+  FROM parked p WHERE o.id = p.id;
+
 SELECT market.psp_register('batch-a', 'stripe', 'http://127.0.0.1:9/', '{"secret_key": "sk_test_a"}', 1) AS acc_a \gset
 SELECT market.psp_register('batch-b', 'adyen', 'https://checkout-test.adyen.com',
 	'{"api_key": "AQE_key", "merchant_account": "MarketMA"}', 2) AS acc_b \gset
@@ -161,6 +169,10 @@ SELECT count(*) AS jobs FROM pg_temp.claim();
 UPDATE market.payments SET status = 'failed' WHERE id = :p6;
 SELECT market.psp_record('regress', jsonb_build_array(pg_temp.res(:p6, 'succeeded', '{"psp_reference": "pi_late"}'))) AS applied;
 SELECT * FROM pg_temp.state(:p6);
+-- its reconcile job (per-row path) replays the authorization at batch-a
+SELECT n, payment - :p6 AS payment, j ->> 'op' AS op, j ->> 'account' AS account FROM pg_temp.claim();
+SELECT market.psp_record('regress', jsonb_build_array(pg_temp.res(:p6, 'hard_decline'))) AS applied;
+SELECT * FROM pg_temp.state(:p6);
 
 -- ---------------------------------------------------------------------------
 -- 4. the walk of the queue: 150 rows behind a head in backoff come first;
@@ -196,3 +208,7 @@ SELECT * FROM pg_temp.state(:p8);
 SELECT count(*) AS open_jobs FROM market.outbox
  WHERE topic = 'psp' AND acked_at IS NULL AND dead_at IS NULL
    AND aggregate_id IN (:p1, :p2, :p3, :p4, :p5, :p6, :p7);
+
+-- the parked rows as they were
+UPDATE market.outbox o SET lease_owner = p.lease_owner, lease_until = p.lease_until
+  FROM parked p WHERE o.id = p.id;

@@ -10,12 +10,16 @@
  *
  * One cycle:
  *	 1. a short transaction runs market.psp_claim(): claims rows (SKIP
- *		LOCKED, through outbox_claim), plans each job and commits its
- *		intent (an attempt row 'pending' with its idempotency key);
+ *		LOCKED), plans each job and commits its intent (an attempt row
+ *		'pending' with its idempotency key);
  *	 2. outside any transaction, every job's requests are sent with curl
  *		multi: at most market.psp_concurrency in flight, each with its own
  *		timeout counted from its own dispatch, CURLOPT_NOSIGNAL;
  *	 3. a second transaction runs market.psp_record() with the outcomes.
+ * The cycles are pipelined (market_psp_worker_main): while a batch's
+ * requests travel, the worker records the previous batch and claims the
+ * next one, so the database work and the PSPs' latency overlap.  Each
+ * batch has a memory context of its own, deleted once it is recorded.
  * A crash between 1 and 3 leaves 'pending' attempts; when their rows are
  * claimed again (at once after a restart: the worker releases its own
  * leases when it starts) psp_plan replays them with the same key.
