@@ -120,6 +120,7 @@ SELECT pg_temp.pay('pm_card_visa', 1100) AS p1 \gset
 SELECT pg_temp.pay('pm_card_chargeDeclined', 1200) AS p2 \gset
 SELECT pg_temp.pay('pm_card_visa', 1300, orders => 2) AS p3 \gset
 SELECT pg_temp.pay('pm_card_visa', 1400, 'batch-b') AS p4 \gset
+SELECT count(*) AS jobs FROM pg_temp.claim();
 SELECT n, payment - :p5 AS payment, j ->> 'op' AS op, j ->> 'account' AS account,
 	   (j ->> 'key') = format('mk-%s-authorize-%s-%s', j ->> 'payment_id', j ->> 'outbox_id', j ->> 'account_id') AS key_ok,
 	   (j ->> 'amount_minor')::bigint AS amount, j ->> 'currency' AS currency, j ->> 'method' AS method,
