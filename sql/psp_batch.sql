@@ -130,7 +130,7 @@ SELECT n, payment - :p5 AS payment, j ->> 'op' AS op, j ->> 'account' AS account
 -- the replay kept its key
 SELECT count(DISTINCT idempotency_key) AS keys, count(*) AS attempts
   FROM market.payment_attempts WHERE payment_id = :p5;
--- the same 13 keys in the jobs as in 0.3's psp_plan (every member, same names)
+-- the members of a job, as 0.3's psp_plan builds them
 SELECT DISTINCT (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(j) k) AS members FROM jobs;
 
 -- ---------------------------------------------------------------------------
