@@ -31,7 +31,7 @@ SHLIB_LINK += -lcurl
 # pg_regress suites: behaviour and bad input (sql/ + expected/)
 # (listed in run order; a name without its sql/<name>.sql is left out)
 REGRESS_ORDER = catalog stock reserve reservation_lifecycle expiry privileges verify \
-	upgrade cart checkout orders outbox payments webhooks batch batch_checkout
+	upgrade cart checkout orders outbox payments psp_batch webhooks batch batch_checkout
 REGRESS = $(filter $(basename $(notdir $(wildcard sql/*.sql))),$(REGRESS_ORDER))
 REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
 

@@ -10,12 +10,16 @@
  *
  * One cycle:
  *	 1. a short transaction runs market.psp_claim(): claims rows (SKIP
- *		LOCKED, through outbox_claim), plans each job and commits its
- *		intent (an attempt row 'pending' with its idempotency key);
+ *		LOCKED), plans each job and commits its intent (an attempt row
+ *		'pending' with its idempotency key);
  *	 2. outside any transaction, every job's requests are sent with curl
  *		multi: at most market.psp_concurrency in flight, each with its own
  *		timeout counted from its own dispatch, CURLOPT_NOSIGNAL;
  *	 3. a second transaction runs market.psp_record() with the outcomes.
+ * The cycles are pipelined (market_psp_worker_main): while a batch's
+ * requests travel, the worker records the previous batch and claims the
+ * next one, so the database work and the PSPs' latency overlap.  Each
+ * batch has a memory context of its own, deleted once it is recorded.
  * A crash between 1 and 3 leaves 'pending' attempts; when their rows are
  * claimed again (at once after a restart: the worker releases its own
  * leases when it starts) psp_plan replays them with the same key.
@@ -107,6 +111,22 @@ typedef struct PspShared
 	pg_atomic_uint32 pid;
 	PspBreaker	breakers[PSP_MAX_BREAKERS];
 } PspShared;
+
+/*
+ * A batch: the jobs of one claim, in a memory context of their own that
+ * lives until their outcomes are recorded, and the ring of those waiting
+ * to send (a job is in it at most once).
+ */
+typedef struct PspBatch
+{
+	MemoryContext cxt;
+	PspJob	  **jobs;
+	int			njobs;
+	PspJob	  **ring;
+	int			rhead;
+	int			rcount;
+	int			active;			/* requests on the wire */
+} PspBatch;
 
 static PspShared *psp_shared = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
@@ -592,10 +612,11 @@ breaker_for(int account_id)
 /*
  * breaker_lists writes the accounts whose breaker is open ("{1,2}") and
  * those that are due for a half-open probe; an open breaker whose
- * cool-down has passed becomes half-open here.
+ * cool-down has passed becomes half-open here.  A half-open account that
+ * already has a job of the batch in flight (its probe) counts as open.
  */
 static void
-breaker_lists(StringInfo open, StringInfo probe)
+breaker_lists(StringInfo open, StringInfo probe, PspBatch *in_flight)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
@@ -606,6 +627,7 @@ breaker_lists(StringInfo open, StringInfo probe)
 		PspBreaker *b = &psp_shared->breakers[i];
 		uint32		id = pg_atomic_read_u32(&b->account_id);
 		uint32		state = pg_atomic_read_u32(&b->state);
+		bool		probing = false;
 
 		if (id == 0 || state == BREAKER_CLOSED)
 			continue;
@@ -615,7 +637,10 @@ breaker_lists(StringInfo open, StringInfo probe)
 			pg_atomic_write_u32(&b->state, BREAKER_HALF_OPEN);
 			state = BREAKER_HALF_OPEN;
 		}
-		if (state == BREAKER_OPEN)
+		for (int j = 0; in_flight && j < in_flight->njobs; j++)
+			if (in_flight->jobs[j]->account_id == (int) id)
+				probing = true;
+		if (state == BREAKER_OPEN || probing)
 			appendStringInfo(open, "%s%u", open->len > 1 ? "," : "", id);
 		else
 			appendStringInfo(probe, "%s%u", probe->len > 1 ? "," : "", id);
@@ -837,84 +862,110 @@ after_outcome(PspJob *job)
 	}
 }
 
+/* batch_start puts every job of a batch in its ring. */
+static void
+batch_start(PspBatch *batch)
+{
+	MemoryContext old = MemoryContextSwitchTo(batch->cxt);
+
+	batch->ring = palloc(sizeof(PspJob *) * Max(batch->njobs, 1));
+	batch->rhead = 0;
+	batch->rcount = 0;
+	batch->active = 0;
+	for (int i = 0; i < batch->njobs; i++)
+	{
+		PspJob	   *job = batch->jobs[i];
+
+		job->cur_op = strcmp(job->op, "reconcile") == 0 ? "authorize" : job->op;
+		batch->ring[batch->rcount++] = job;
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/* batch_done says whether every job of a batch has its outcome. */
+static bool
+batch_done(PspBatch *batch)
+{
+	return batch->active == 0 && batch->rcount == 0;
+}
+
 /*
- * run_jobs performs every job's requests with at most market.psp_concurrency
- * in flight.  Each request's timeout counts from its own dispatch.
+ * batch_step moves a batch's requests on: sends what the concurrency limit
+ * allows (each request's timeout counts from its own dispatch), lets curl
+ * work, hands every answer to its adapter, then waits at most wait_ms for
+ * the sockets when requests are on the wire.  Allocations go to the
+ * batch's context.
  */
 static void
-run_jobs(PspJob **jobs, int njobs)
+batch_step(PspBatch *batch, int wait_ms)
 {
-	/* a ring of the jobs waiting to send; a job is in it at most once */
-	PspJob	  **ring = palloc(sizeof(PspJob *) * njobs);
-	int			rhead = 0,
-				rcount = 0;
-	int			active = 0;
+	MemoryContext old = MemoryContextSwitchTo(batch->cxt);
+	int			n = Max(batch->njobs, 1);
+	int			running;
+	CURLMsg    *msg;
+	int			left;
 
-	for (int i = 0; i < njobs; i++)
+	/* dispatch what the concurrency limit allows */
+	while (batch->active < psp_concurrency && batch->rcount > 0)
 	{
-		jobs[i]->cur_op = strcmp(jobs[i]->op, "reconcile") == 0 ? "authorize" : jobs[i]->op;
-		ring[rcount++] = jobs[i];
+		PspJob	   *job = batch->ring[batch->rhead];
+		PspRequest	req;
+		PspBreaker *b;
+
+		batch->rhead = (batch->rhead + 1) % n;
+		batch->rcount--;
+		if (!next_request(job, &req))
+			continue;
+		start_transfer(job, &req);
+		batch->active++;
+		b = breaker_for(job->account_id);
+		if (b)
+			pg_atomic_fetch_add_u32(&b->in_flight, 1);
 	}
 
-	while (active > 0 || rcount > 0)
+	curl_multi_perform(multi, &running);
+	while ((msg = curl_multi_info_read(multi, &left)) != NULL)
 	{
-		int			running;
-		CURLMsg    *msg;
-		int			left;
+		Transfer   *t;
+		PspJob	   *job;
+		PspResponse resp;
+		PspBreaker *b;
 
-		/* dispatch what the concurrency limit allows */
-		while (active < psp_concurrency && rcount > 0)
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
+		job = t->job;
+		finish_transfer(t, msg->data.result, &resp);
+		batch->active--;
+		b = breaker_for(job->account_id);
+		if (b && pg_atomic_read_u32(&b->in_flight) > 0)
+			pg_atomic_fetch_sub_u32(&b->in_flight, 1);
+
+		job->summary = t->req.summary;
+		adapter_for(job->kind)->handle(job, &resp);
+		if (job->outcome != NULL)
+			after_outcome(job);
+		if (job->outcome == NULL)
 		{
-			PspJob	   *job = ring[rhead];
-			PspRequest	req;
-			PspBreaker *b;
-
-			rhead = (rhead + 1) % njobs;
-			rcount--;
-			if (!next_request(job, &req))
-				continue;
-			start_transfer(job, &req);
-			active++;
-			b = breaker_for(job->account_id);
-			if (b)
-				pg_atomic_fetch_add_u32(&b->in_flight, 1);
+			/* another request follows: back in the ring */
+			batch->ring[(batch->rhead + batch->rcount) % n] = job;
+			batch->rcount++;
 		}
+		else
+			job->done = true;
+	}
+	if (batch->active > 0 && wait_ms > 0)
+		curl_multi_poll(multi, NULL, 0, wait_ms, NULL);
+	MemoryContextSwitchTo(old);
+}
 
-		curl_multi_perform(multi, &running);
-		while ((msg = curl_multi_info_read(multi, &left)) != NULL)
-		{
-			Transfer   *t;
-			PspJob	   *job;
-			PspResponse resp;
-			PspBreaker *b;
-
-			if (msg->msg != CURLMSG_DONE)
-				continue;
-			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
-			job = t->job;
-			finish_transfer(t, msg->data.result, &resp);
-			active--;
-			b = breaker_for(job->account_id);
-			if (b && pg_atomic_read_u32(&b->in_flight) > 0)
-				pg_atomic_fetch_sub_u32(&b->in_flight, 1);
-
-			job->summary = t->req.summary;
-			adapter_for(job->kind)->handle(job, &resp);
-			if (job->outcome != NULL)
-				after_outcome(job);
-			if (job->outcome == NULL)
-			{
-				/* another request follows: back in the ring */
-				ring[(rhead + rcount) % njobs] = job;
-				rcount++;
-			}
-			else
-				job->done = true;
-		}
-		if (active == 0 && rcount == 0)
-			break;
-		if (active > 0)
-			curl_multi_poll(multi, NULL, 0, 50, NULL);
+/* batch_finish runs a batch's requests until every job has its outcome. */
+static void
+batch_finish(PspBatch *batch)
+{
+	while (!batch_done(batch))
+	{
+		batch_step(batch, 50);
 		CHECK_FOR_INTERRUPTS();
 	}
 }
@@ -958,18 +1009,22 @@ job_from_plan(Jsonb *plan)
 }
 
 /*
- * claim_jobs runs market.psp_claim() in a transaction of its own and
- * returns the planned jobs (allocated in cxt).  *missing is set when the
- * extension (0.3) is not installed.
+ * claim_batch runs market.psp_claim() in a transaction of its own and
+ * returns the planned jobs as a batch with a memory context of its own
+ * (NULL when there is no job).  in_flight: the batch whose requests are on
+ * the wire meanwhile (its half-open accounts get no second probe).  *missing is set when the
+ * extension (0.3) is not installed, *old_sql when it is at 0.3 (whose
+ * claim and record need fresh planner statistics: refresh_stats).
  */
-static PspJob **
-claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
+static PspBatch *
+claim_batch(PspBatch *in_flight, bool *missing, bool *old_sql)
 {
-	PspJob	  **jobs = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+	PspBatch   *batch = NULL;
 	StringInfoData open,
 				probe;
 
-	*njobs = 0;
+	*old_sql = false;
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	SPI_connect();
@@ -979,15 +1034,26 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
 	*missing = !OidIsValid(get_extension_oid("market", true));
 	if (!*missing)
 	{
-		int			ret = SPI_execute("SELECT to_regprocedure('market.psp_claim(text,int,int[],int[],interval)') IS NOT NULL",
-									  true, 1);
+		static SPIPlanPtr check_plan = NULL;
+		int			ret;
 		bool		isnull;
+		char	   *version;
 
+		/* psp_claim exists from 0.3; its set-based body from 0.4 */
+		market_prepare(&check_plan,
+					   "SELECT to_regprocedure('market.psp_claim(text,int,int[],int[],interval)') IS NOT NULL,"
+					   " (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'market')",
+					   0, NULL);
+		ret = SPI_execute_plan(check_plan, NULL, NULL, true, 1);
 		*missing = !(ret == SPI_OK_SELECT && SPI_processed == 1 &&
 					 DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)));
+		version = (ret == SPI_OK_SELECT && SPI_processed == 1) ?
+			SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2) : NULL;
+		*old_sql = (version != NULL && strcmp(version, "0.3") == 0);
 	}
 	if (!*missing)
 	{
+		static SPIPlanPtr claim_plan = NULL;
 		Oid			types[4] = {TEXTOID, INT4OID, TEXTOID, TEXTOID};
 		Datum		values[4];
 		bool		isnull;
@@ -995,43 +1061,50 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
 
 		initStringInfo(&open);
 		initStringInfo(&probe);
-		breaker_lists(&open, &probe);
+		breaker_lists(&open, &probe, in_flight);
 		values[0] = CStringGetTextDatum(PSP_CONSUMER);
 		values[1] = Int32GetDatum(psp_batch_size);
 		values[2] = CStringGetTextDatum(open.data);
 		values[3] = CStringGetTextDatum(probe.data);
-		ret = SPI_execute_with_args("SELECT market.psp_claim($1, $2, $3::int[], $4::int[])",
-									4, types, values, NULL, false, 1);
+		market_prepare(&claim_plan, "SELECT market.psp_claim($1, $2, $3::int[], $4::int[])", 4, types);
+		ret = SPI_execute_plan(claim_plan, values, NULL, false, 1);
 		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "market: psp_claim failed");
 		{
 			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			MemoryContext old = MemoryContextSwitchTo(cxt);
-			Jsonb	   *arr = isnull ? NULL : DatumGetJsonbPCopy(d);
+			Jsonb	   *arr = isnull ? NULL : DatumGetJsonbP(d);
 
-			if (arr != NULL && JsonContainerIsArray(&arr->root))
+			if (arr != NULL && JsonContainerIsArray(&arr->root) && JsonContainerSize(&arr->root) > 0)
 			{
 				int			n = JsonContainerSize(&arr->root);
+				MemoryContext cxt = AllocSetContextCreate(TopMemoryContext, "market psp batch",
+														  ALLOCSET_DEFAULT_SIZES);
+				MemoryContext old = MemoryContextSwitchTo(cxt);
 
-				jobs = palloc0(sizeof(PspJob *) * (n + 1));
+				arr = DatumGetJsonbPCopy(d);
+				batch = palloc0(sizeof(PspBatch));
+				batch->cxt = cxt;
+				batch->jobs = palloc0(sizeof(PspJob *) * (n + 1));
 				for (int i = 0; i < n; i++)
 				{
 					JsonbValue *v = getIthJsonbValueFromContainer(&arr->root, i);
 
 					if (v == NULL)
 						continue;
-					jobs[(*njobs)++] = job_from_plan(JsonbValueToJsonb(v));
+					batch->jobs[batch->njobs++] = job_from_plan(JsonbValueToJsonb(v));
 				}
+				MemoryContextSwitchTo(old);
 			}
-			MemoryContextSwitchTo(old);
 		}
 	}
 
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	/* the commit leaves CurrentMemoryContext at TopMemoryContext */
+	MemoryContextSwitchTo(caller);
 	pgstat_report_activity(STATE_IDLE, NULL);
-	return jobs;
+	return batch;
 }
 
 /*
@@ -1041,7 +1114,8 @@ claim_jobs(MemoryContext cxt, int *njobs, bool *missing)
  * faster than autovacuum analyzes leaves the planner thinking the outbox's
  * pending rows are a handful; outbox_claim's and outbox_ack's anti-joins
  * then scan every pending row for every row (quadratic in the queue).
- * Runs in a transaction of its own; skipped when the extension is missing.
+ * Runs in a transaction of its own; only while the extension is at 0.3
+ * (0.4's statements do not depend on fresh statistics).
  */
 static void
 refresh_stats(void)
@@ -1118,14 +1192,25 @@ append_result(StringInfo b, PspJob *job)
 					 job->calls.data);
 }
 
-/* record_jobs runs market.psp_record() with every outcome, in a transaction of its own. */
+/*
+ * record_batch runs market.psp_record() with the outcomes of a batch, in a
+ * transaction of its own, after feeding them to the breakers; then frees
+ * the batch.
+ */
 static void
-record_jobs(PspJob **jobs, int njobs)
+record_batch(PspBatch *batch)
 {
+	PspJob	  **jobs = batch->jobs;
+	int			njobs = batch->njobs;
+	MemoryContext caller = CurrentMemoryContext;
+	static SPIPlanPtr record_plan = NULL;
 	StringInfoData b;
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		values[2];
 
+	MemoryContextSwitchTo(batch->cxt);
+	for (int i = 0; i < njobs; i++)
+		breaker_note(jobs[i]->account_id, jobs[i]->technical_failure);
 	initStringInfo(&b);
 	appendStringInfoChar(&b, '[');
 	for (int i = 0; i < njobs; i++)
@@ -1139,12 +1224,14 @@ record_jobs(PspJob **jobs, int njobs)
 	pgstat_report_activity(STATE_RUNNING, "market psp worker: recording");
 	values[0] = CStringGetTextDatum(PSP_CONSUMER);
 	values[1] = CStringGetTextDatum(b.data);
-	if (SPI_execute_with_args("SELECT market.psp_record($1, $2::jsonb)", 2, types, values,
-							  NULL, false, 1) != SPI_OK_SELECT)
+	market_prepare(&record_plan, "SELECT market.psp_record($1, $2::jsonb)", 2, types);
+	if (SPI_execute_plan(record_plan, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "market: psp_record failed");
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
+	MemoryContextDelete(batch->cxt);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -1192,7 +1279,9 @@ psp_worker_detach(int code, Datum arg)
 void
 market_psp_worker_main(Datum main_arg)
 {
-	MemoryContext cycle_cxt;
+	PspBatch   *cur = NULL;		/* the batch whose requests are on the wire */
+	PspBatch   *prev = NULL;	/* the batch done but not recorded yet */
+	bool		old_sql = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -1200,6 +1289,8 @@ market_psp_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(market_database, NULL, 0);
 	pgstat_report_appname("market psp worker");
+	/* short statements only: compiling them would cost more than it saves */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_SESSION);
 
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		elog(ERROR, "market: curl_global_init failed");
@@ -1214,14 +1305,22 @@ market_psp_worker_main(Datum main_arg)
 
 	release_own_leases();
 
-	cycle_cxt = AllocSetContextCreate(TopMemoryContext, "market psp worker cycle",
-									  ALLOCSET_DEFAULT_SIZES);
+	/*
+	 * The cycle, pipelined: while a batch's requests are on the wire, the
+	 * worker records the previous batch's outcomes and, when the batch was
+	 * full (the queue likely holds more), claims the next one.  A batch is
+	 * recorded before the next claim after it, so a job handed back by the
+	 * record (a failover) is claimed again at once.
+	 */
 	for (;;)
 	{
-		PspJob	  **jobs;
-		int			njobs = 0;
 		bool		missing = false;
-		MemoryContext old;
+		bool		full;
+		PspBatch   *next = NULL;
+		TimestampTz t0,
+					t1,
+					t2,
+					t3;
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -1230,42 +1329,59 @@ market_psp_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
-		old = MemoryContextSwitchTo(cycle_cxt);
+		if (cur == NULL)
 		{
-			/* the phases' times, logged at DEBUG1 */
-			TimestampTz t0 = GetCurrentTimestamp(),
-						t1,
-						t2,
-						t3,
-						t4;
-
-			refresh_stats();
-			t1 = GetCurrentTimestamp();
-			jobs = claim_jobs(cycle_cxt, &njobs, &missing);
-			t2 = GetCurrentTimestamp();
-			t3 = t2;
-			t4 = t2;
-			if (njobs > 0)
+			/* only 0.3's claim and record need fresh statistics */
+			if (old_sql)
+				refresh_stats();
+			cur = claim_batch(NULL, &missing, &old_sql);
+			if (cur == NULL)
 			{
-				run_jobs(jobs, njobs);
-				t3 = GetCurrentTimestamp();
-				for (int i = 0; i < njobs; i++)
-					breaker_note(jobs[i]->account_id, jobs[i]->technical_failure);
-				record_jobs(jobs, njobs);
-				t4 = GetCurrentTimestamp();
-				elog(DEBUG1, "market psp worker: %d jobs; ms: statistics %ld, claim %ld, calls %ld, record %ld", njobs,
-					 (long) (t1 - t0) / 1000, (long) (t2 - t1) / 1000, (long) (t3 - t2) / 1000, (long) (t4 - t3) / 1000);
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 missing ? NO_EXTENSION_RETRY_MS : psp_poll_interval_ms,
+								 PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				continue;
 			}
 		}
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(cycle_cxt);
 
-		if (njobs < psp_batch_size)
+		/* the requests out, then the database work while they travel */
+		t0 = GetCurrentTimestamp();
+		batch_start(cur);
+		batch_step(cur, 0);
+		if (prev != NULL)
 		{
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 missing ? NO_EXTENSION_RETRY_MS : psp_poll_interval_ms,
-							 PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
+			record_batch(prev);
+			prev = NULL;
+		}
+		t1 = GetCurrentTimestamp();
+		if (cur->njobs >= psp_batch_size)
+		{
+			if (old_sql)
+				refresh_stats();
+			next = claim_batch(cur, &missing, &old_sql);
+		}
+		t2 = GetCurrentTimestamp();
+		batch_finish(cur);
+		t3 = GetCurrentTimestamp();
+		elog(DEBUG1, "market psp worker: %d jobs; ms: record of the previous batch %ld, claim of the next %ld (%d jobs), calls left after that %ld",
+			 cur->njobs, (long) (t1 - t0) / 1000, (long) (t2 - t1) / 1000,
+			 next ? next->njobs : 0, (long) (t3 - t2) / 1000);
+
+		full = cur->njobs >= psp_batch_size;
+		prev = cur;
+		cur = next;
+		if (cur == NULL)
+		{
+			/* nothing in flight: record now, and wait when the queue is short */
+			record_batch(prev);
+			prev = NULL;
+			if (!full)
+			{
+				(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 psp_poll_interval_ms, PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+			}
 		}
 	}
 }

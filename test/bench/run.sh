@@ -445,6 +445,19 @@ for scenario in $BENCH_SCENARIOS; do
 		psp_line=$(awk -v n="$calls" -v t0="$t0" -v t1="$t1" -v jobs="$BENCH_PSP_JOBS" \
 			'BEGIN { s = (t1 - t0) / 1e9; printf "%d payment.authorize jobs, %d successful PSP calls in %.1f s: %.0f PSP calls/s (test PSP answering in 20 ms)", jobs, n, s, n / s }')
 		psp_line="$psp_line; still pending: $(sql "SELECT count(*) FROM market.payments WHERE status = 'pending'"), audit violations $(sql "SELECT count(*) FROM market.verify_inventory()")"
+		# exactly once: the test PSP's ledger has one successful authorization
+		# per payment reference (mk-pay-<id>), and every PSP job is acked
+		ledger=$(perl -MHTTP::Tiny -MJSON::PP -e '
+			my $r = HTTP::Tiny->new->get($ARGV[0]); $r->{success} or exit 1;
+			my $l = JSON::PP->new->decode($r->{content});
+			my $by = $l->{charges_by_reference};
+			my $refs = scalar keys %$by; my $twice = grep { $by->{$_} != 1 } keys %$by;
+			print "$l->{charges} $refs $twice";' "http://127.0.0.1:$control_port/_control/ledger")
+		read -r led_charges led_refs led_twice <<<"$ledger"
+		authorized=$(sql "SELECT count(*) FROM market.payments WHERE status = 'authorized'")
+		open_jobs=$(sql "SELECT count(*) FROM market.outbox WHERE topic = 'psp' AND acked_at IS NULL AND dead_at IS NULL")
+		dead_jobs=$(sql "SELECT count(*) FROM market.outbox WHERE topic = 'psp' AND dead_at IS NOT NULL")
+		psp_line="$psp_line; authorized $authorized, PSP ledger: $led_charges charges for $led_refs payments, $led_twice charged other than once; PSP jobs not acked $open_jobs, dead $dead_jobs"
 		echo "bench: psp: $psp_line"
 		kill "$psp_pid" 2>/dev/null || true
 		;;
