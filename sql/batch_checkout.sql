@@ -43,8 +43,10 @@ $$;
 CREATE FUNCTION pg_temp.shape(doc jsonb) RETURNS jsonb
 LANGUAGE sql AS $$
 	SELECT jsonb_build_object(
-		'orders', (SELECT jsonb_agg(o - 'order_id' ORDER BY o ->> 'seller_id')
-		             FROM jsonb_array_elements(doc -> 'orders') AS o),
+		'orders', (SELECT jsonb_agg(o - 'order_id' - 'seller_id'
+		                              || jsonb_build_object('seller', s.name) ORDER BY s.name)
+		             FROM jsonb_array_elements(doc -> 'orders') AS o
+		             JOIN market.sellers s ON s.id = (o ->> 'seller_id')::bigint),
 		'payment', (doc -> 'payment') - 'payment_id'::text,
 		'has_group', doc ? 'order_group')
 $$;

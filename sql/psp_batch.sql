@@ -32,7 +32,8 @@ UPDATE market.outbox o SET lease_owner = 'psp_batch: parked', lease_until = 'inf
 SELECT market.psp_register('batch-a', 'stripe', 'http://127.0.0.1:9/', '{"secret_key": "sk_test_a"}', 1) AS acc_a \gset
 SELECT market.psp_register('batch-b', 'adyen', 'https://checkout-test.adyen.com',
 	'{"api_key": "AQE_key", "merchant_account": "MarketMA"}', 2) AS acc_b \gset
--- the accounts of the payments test, if any, out of the way
+-- the accounts of the payments test, if any, out of the way (put back at the end)
+CREATE TEMP TABLE accounts_before AS SELECT id, enabled FROM market.psp_accounts WHERE name NOT LIKE 'batch-%';
 UPDATE market.psp_accounts SET enabled = false WHERE name NOT LIKE 'batch-%';
 SELECT market.seller_create('Batch Seller') AS seller \gset
 
@@ -213,3 +214,7 @@ SELECT count(*) AS open_jobs FROM market.outbox
 -- the parked rows as they were
 UPDATE market.outbox o SET lease_owner = p.lease_owner, lease_until = p.lease_until
   FROM parked p WHERE o.id = p.id;
+
+-- the accounts as they were, ours out of the way of the tests that follow
+UPDATE market.psp_accounts a SET enabled = b.enabled FROM accounts_before b WHERE a.id = b.id;
+UPDATE market.psp_accounts SET enabled = false WHERE name LIKE 'batch-%';
