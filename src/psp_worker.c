@@ -1009,6 +1009,24 @@ job_from_plan(Jsonb *plan)
 }
 
 /*
+ * any_account_enabled tells whether some PSP account is enabled.  Without
+ * one, claiming would only reschedule every job again and again (each with
+ * "no PSP account"), spending the worker on nothing.  Caller is inside SPI,
+ * at 0.3 or later.
+ */
+static bool
+any_account_enabled(void)
+{
+	static SPIPlanPtr plan = NULL;
+	bool		isnull;
+
+	market_prepare(&plan, "SELECT EXISTS (SELECT FROM market.psp_accounts WHERE enabled)", 0, NULL);
+	if (SPI_execute_plan(plan, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "market: could not read the PSP accounts");
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
  * claim_batch runs market.psp_claim() in a transaction of its own and
  * returns the planned jobs as a batch with a memory context of its own
  * (NULL when there is no job).  in_flight: the batch whose requests are on
@@ -1051,7 +1069,11 @@ claim_batch(PspBatch *in_flight, bool *missing, bool *old_sql)
 			SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2) : NULL;
 		*old_sql = (version != NULL && strcmp(version, "0.3") == 0);
 	}
-	if (!*missing)
+	if (!*missing && !any_account_enabled())
+	{
+		/* nothing can be sent: leave the jobs untouched until an account is */
+	}
+	else if (!*missing)
 	{
 		static SPIPlanPtr claim_plan = NULL;
 		Oid			types[4] = {TEXTOID, INT4OID, TEXTOID, TEXTOID};

@@ -290,6 +290,22 @@ is(control('GET', "ledger?reference=mk-pay-$p8")->{payments}[0]{captured}, 1050,
 $expect{$p8} = 1;
 
 # ---------------------------------------------------------------------------
+# 8. no account enabled: the worker leaves the jobs alone (no claim, no
+#    reschedule, no attempt) until one is enabled again
+# ---------------------------------------------------------------------------
+sql("SELECT count(market.psp_set_enabled(name, false)) FROM market.psp_accounts");
+my $p9 = sql("SELECT pay('pm_card_visa', 1090)");
+sleep 2;
+is(sql("SELECT attempts || '/' || (lease_owner IS NULL) FROM market.outbox
+	 WHERE topic = 'psp' AND aggregate_id = $p9"), '0/true', 'no account enabled: the job is not claimed');
+is(sql("SELECT count(*) FROM market.payment_attempts WHERE payment_id = $p9"), '0',
+	'no account enabled: no attempt');
+sql("SELECT count(market.psp_set_enabled(name, true)) FROM market.psp_accounts");
+ok(settled($p9), 'payment 9 decided once the accounts are enabled again');
+like(status($p9), qr{^authorized/[a-z-]+/confirmed$}, 'and authorized');
+$expect{$p9} = 1;
+
+# ---------------------------------------------------------------------------
 # the end state
 # ---------------------------------------------------------------------------
 ok(wait_until("SELECT count(*) = 0 FROM market.outbox WHERE topic = 'psp' AND acked_at IS NULL", 30),
