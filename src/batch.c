@@ -710,17 +710,18 @@ request_to_buy_now(BatchRequest *req, MarketBuyNow *mb)
 }
 
 /*
- * act_as makes the requesting role the session user (what the order
- * events record as their actor), keeping the worker's own role as the
- * current user, as a SECURITY DEFINER function would.  act_as(own...)
- * undoes it.
+ * act_as makes session_user the session user (what the order events record
+ * as their actor) and current_user, with sec_context, the current user.
+ * apply_buy_now passes the worker's own role with
+ * SECURITY_LOCAL_USERID_CHANGE to run a request as a SECURITY DEFINER
+ * function would, and the saved identity to undo it.
  */
 static void
 act_as(Oid session_user, Oid current_user, int sec_context)
 {
 	if (session_user != GetSessionUserId())
 		SetSessionAuthorization(session_user, superuser_arg(session_user));
-	SetUserIdAndSecContext(current_user, sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	SetUserIdAndSecContext(current_user, sec_context);
 }
 
 /*
@@ -750,12 +751,11 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
 	{
 		Jsonb	   *doc;
 
-		act_as(req->session_user, save_userid, save_sec);
+		act_as(req->session_user, save_userid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 		doc = DatumGetJsonbP(market_buy_now_apply(&mb));
 		ans->response = MemoryContextAlloc(cxt, VARSIZE(doc));
 		memcpy(ans->response, doc, VARSIZE(doc));
 		act_as(own_session, save_userid, save_sec);
-		SetUserIdAndSecContext(save_userid, save_sec);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(outer);
 		CurrentResourceOwner = outer_owner;
@@ -771,7 +771,6 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
 		MemoryContextSwitchTo(outer);
 		CurrentResourceOwner = outer_owner;
 		act_as(own_session, save_userid, save_sec);
-		SetUserIdAndSecContext(save_userid, save_sec);
 		ans->response = NULL;
 		answer_error(ans, edata);
 	}

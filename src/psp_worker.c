@@ -1069,11 +1069,8 @@ claim_batch(PspBatch *in_flight, bool *missing, bool *old_sql)
 			SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2) : NULL;
 		*old_sql = (version != NULL && strcmp(version, "0.3") == 0);
 	}
-	if (!*missing && !any_account_enabled())
-	{
-		/* nothing can be sent: leave the jobs untouched until an account is */
-	}
-	else if (!*missing)
+	/* with no account enabled nothing can be sent: the jobs wait untouched */
+	if (!*missing && any_account_enabled())
 	{
 		static SPIPlanPtr claim_plan = NULL;
 		Oid			types[4] = {TEXTOID, INT4OID, TEXTOID, TEXTOID};
