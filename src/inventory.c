@@ -67,14 +67,20 @@ typedef struct SlotSet
 
 /*
  * market_prepare returns the saved plan in *cache, preparing and keeping it
- * on first use.  Plans live for the backend's lifetime.
+ * on first use.  Plans live for the backend's lifetime.  They are generic
+ * plans: every statement prepared here looks rows up by key, so a plan made
+ * for the actual parameter values would be the same plan, but the plan cache
+ * would keep making it anew on every call whenever its estimate for the
+ * generic plan comes out higher (it does for "= ANY ($1)" and unnest($1),
+ * whose array length it cannot know), which cost a batched checkout a
+ * seventh of its time.
  */
 SPIPlanPtr
 market_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 {
 	if (*cache == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "market: SPI_prepare failed for \"%s\": %s",
