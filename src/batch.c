@@ -728,21 +728,27 @@ act_as(Oid session_user, Oid current_user, int sec_context)
  * apply_buy_now runs one buy_now in a subtransaction of the batch's
  * transaction, as its requester: success leaves its rows in the batch and
  * the response in the answer; an error is the answer and undoes only this
- * request.
+ * request.  With pending, it stops once the stock is sold and returns true
+ * with what is left to write in *pending (a replay or an error is answered
+ * and returns false): write_pending then writes the orders of every such
+ * checkout of the chunk in one statement.
  */
-static void
-apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
+static bool
+apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt,
+			  MarketBuyNowPending **pending)
 {
+	volatile bool prepared = false;
 	MemoryContext outer = CurrentMemoryContext;
 	ResourceOwner outer_owner = CurrentResourceOwner;
 	Oid			own_session = GetSessionUserId();
 	Oid			save_userid;
 	int			save_sec;
-	MarketBuyNow mb;
+	MarketBuyNow *mb;
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
+	mb = MemoryContextAlloc(cxt, sizeof(MarketBuyNow));
 	MemoryContextSwitchTo(cxt);
-	request_to_buy_now(req, &mb);
+	request_to_buy_now(req, mb);
 	MemoryContextSwitchTo(outer);
 
 	BeginInternalSubTransaction(NULL);
@@ -752,9 +758,22 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
 		Jsonb	   *doc;
 
 		act_as(req->session_user, save_userid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
-		doc = DatumGetJsonbP(market_buy_now_apply(&mb));
-		ans->response = MemoryContextAlloc(cxt, VARSIZE(doc));
-		memcpy(ans->response, doc, VARSIZE(doc));
+		if (pending != NULL)
+		{
+			Datum		replay;
+
+			MemoryContextSwitchTo(cxt);
+			prepared = market_buy_now_prepare(mb, pending, &replay);
+			MemoryContextSwitchTo(outer);
+			doc = prepared ? NULL : DatumGetJsonbP(replay);
+		}
+		else
+			doc = DatumGetJsonbP(market_buy_now_apply(mb));
+		if (doc != NULL)
+		{
+			ans->response = MemoryContextAlloc(cxt, VARSIZE(doc));
+			memcpy(ans->response, doc, VARSIZE(doc));
+		}
 		act_as(own_session, save_userid, save_sec);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(outer);
@@ -773,8 +792,87 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt)
 		act_as(own_session, save_userid, save_sec);
 		ans->response = NULL;
 		answer_error(ans, edata);
+		prepared = false;
 	}
 	PG_END_TRY();
+	return prepared;
+}
+
+/*
+ * same_key_pending says whether an earlier checkout of the chunk, still
+ * waiting for its orders, has the request's customer and key: the request
+ * is then applied after the chunk's orders are written, and replays (or
+ * MK004s) like any duplicate, instead of finding the key claimed and
+ * unanswered.
+ */
+static bool
+same_key_pending(BatchRequest *req, BatchAnswer *answers, int *pending_at, int npending)
+{
+	for (int i = 0; i < npending; i++)
+	{
+		BatchRequest *other = &batch_requests[answers[pending_at[i]].procno];
+
+		if (other->customer_len == req->customer_len && other->key_len == req->key_len &&
+			memcmp(other->customer, req->customer, req->customer_len) == 0 &&
+			memcmp(other->key, req->key, req->key_len) == 0)
+			return true;
+	}
+	return false;
+}
+
+/*
+ * write_pending writes the orders of the chunk's prepared checkouts, one
+ * statement per requesting role (normally one), as that role, and puts each
+ * response in its answer.  An error here fails the whole chunk, which is
+ * then applied request by request; the worker's own identity is restored
+ * first.
+ */
+static void
+write_pending(BatchAnswer *answers, MarketBuyNowPending **pending, int *pending_at,
+			  int npending, MemoryContext cxt)
+{
+	Oid			own_session = GetSessionUserId();
+	Oid			save_userid;
+	int			save_sec;
+	bool	   *done = palloc0(sizeof(bool) * Max(npending, 1));
+	MarketBuyNowPending **group = palloc(sizeof(MarketBuyNowPending *) * Max(npending, 1));
+	int		   *group_at = palloc(sizeof(int) * Max(npending, 1));
+	Datum	   *responses = palloc(sizeof(Datum) * Max(npending, 1));
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	for (int first = 0; first < npending; first++)
+	{
+		Oid			role = batch_requests[answers[pending_at[first]].procno].session_user;
+		int			m = 0;
+
+		if (done[first])
+			continue;
+		for (int i = first; i < npending; i++)
+			if (!done[i] && batch_requests[answers[pending_at[i]].procno].session_user == role)
+			{
+				done[i] = true;
+				group[m] = pending[i];
+				group_at[m++] = pending_at[i];
+			}
+		PG_TRY();
+		{
+			act_as(role, save_userid, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+			market_buy_now_write(group, m, responses);
+		}
+		PG_FINALLY();
+		{
+			act_as(own_session, save_userid, save_sec);
+		}
+		PG_END_TRY();
+		for (int i = 0; i < m; i++)
+		{
+			Jsonb	   *doc = DatumGetJsonbP(responses[i]);
+			BatchAnswer *ans = &answers[group_at[i]];
+
+			ans->response = MemoryContextAlloc(cxt, VARSIZE(doc));
+			memcpy(ans->response, doc, VARSIZE(doc));
+		}
+	}
 }
 
 /*
@@ -788,6 +886,11 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 	volatile bool ok = true;
 	HASHCTL		ctl;
 	HTAB	   *estimates;
+	MarketBuyNowPending **pending;
+	int		   *pending_at;
+	int		   *deferred;
+	int			npending = 0;
+	int			ndeferred = 0;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = offsetof(PairEstimate, available);
@@ -795,6 +898,10 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 	ctl.hcxt = cxt;
 	estimates = hash_create("market batch estimates", 64, &ctl,
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	pending = MemoryContextAlloc(cxt, sizeof(MarketBuyNowPending *) * Max(n, 1));
+	pending_at = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
+	deferred = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
 
 	PG_TRY();
 	{
@@ -812,7 +919,10 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 
 			if (req->kind == BK_BUY_NOW)
 			{
-				apply_buy_now(&answers[i], req, cxt);
+				if (same_key_pending(req, answers, pending_at, npending))
+					deferred[ndeferred++] = i;
+				else if (apply_buy_now(&answers[i], req, cxt, &pending[npending]))
+					pending_at[npending++] = i;
 				continue;
 			}
 			shortl = short_line(estimates, req, &available);
@@ -826,6 +936,10 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 				note_reserved(estimates, req);
 			}
 		}
+		write_pending(answers, pending, pending_at, npending, cxt);
+		for (int d = 0; d < ndeferred; d++)
+			apply_buy_now(&answers[deferred[d]], &batch_requests[answers[deferred[d]].procno],
+						  cxt, NULL);
 
 		SPI_finish();
 		PopActiveSnapshot();
@@ -861,7 +975,7 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (req->kind == BK_BUY_NOW)
-			apply_buy_now(ans, req, cxt);
+			apply_buy_now(ans, req, cxt, NULL);
 		else
 			market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
 								 request_owner(req), false, &ans->id, NULL, NULL);

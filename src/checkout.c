@@ -311,12 +311,13 @@ claim_key(text *customer, text *key, const char *operation, bytea *fp,
  */
 
 /*
- * The statement that turns a sold reservation into orders.  Parameters:
+ * checkout_complete's statement that turns a sold reservation into orders
+ * (buy_now has its own, for many checkouts at once, below).  Parameters:
  *	$1 checkout id, $2 customer, $3 currency, $4 total,
  *	$5/$6/$7 what was taken (sku, warehouse, qty; several rows per pair allowed),
  *	$8/$9/$10 frozen lines (sku, unit price, seller; one row per SKU),
  *	$11 payment method, $12 psp, $13 idempotency key,
- *	$14 cart id (complete) or reservation id (buy_now), $15 frozen qtys (buy_now).
+ *	$14 cart id.
  * One order per seller, its lines per (sku, warehouse) at the frozen price,
  * one payment, one 'payment.authorize' outbox row, the stored response.
  */
@@ -372,14 +373,12 @@ claim_key(text *customer, text *key, const char *operation, bytea *fp,
 	" ci AS (DELETE FROM market.cart_items WHERE cart_id = $14)" \
 	" SELECT doc FROM r"
 
-/* buy_now: its checkout row is written completed */
-#define ORDERS_SQL_BUY_NOW ORDERS_SQL_HEAD \
-	" c AS (" \
-	"  INSERT INTO market.checkouts (id, cart_id, customer_id, currency, reservation_id, status," \
-	"         sku_ids, qtys, unit_prices, seller_ids, total_minor, expires_at, completed_at, group_id)" \
-	"  SELECT $1, NULL, $2, $3, $14, 'completed', $8, $15, $9, $10, $4, now(), now(), r.group_id" \
-	"    FROM r)" \
-	" SELECT doc FROM r"
+/* int4_array builds an int4[] of n datums. */
+static Datum
+int4_array(Datum *elems, int n)
+{
+	return PointerGetDatum(construct_array(elems, n, INT4OID, 4, true, TYPALIGN_INT));
+}
 
 /* int8_array builds an int8[] of n datums. */
 static Datum
@@ -389,31 +388,27 @@ int8_array(Datum *elems, int n)
 }
 
 /*
- * write_orders runs the orders statement and returns the response document
- * (copied out of SPI).  Caller is inside SPI.
+ * write_orders runs checkout_complete's orders statement and returns the
+ * response document (copied out of SPI).  Caller is inside SPI.
  */
 static Datum
-write_orders(bool buy_now, pg_uuid_t *checkout_id, text *customer, text *currency,
+write_orders(pg_uuid_t *checkout_id, text *customer, text *currency,
 			 FrozenLines *frozen, TakeList *takes, PaymentDoc *pay, text *key,
-			 pg_uuid_t *extra_id)
+			 pg_uuid_t *cart_id)
 {
 	static SPIPlanPtr complete_plan = NULL;
-	static SPIPlanPtr buy_now_plan = NULL;
-	Oid			types[15] = {UUIDOID, TEXTOID, TEXTOID, INT8OID,
+	Oid			types[14] = {UUIDOID, TEXTOID, TEXTOID, INT8OID,
 		INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
 		INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
-		TEXTOID, TEXTOID, TEXTOID, UUIDOID, INT8ARRAYOID};
-	Datum		values[15];
-	char		nulls[15] = "               ";
+		TEXTOID, TEXTOID, TEXTOID, UUIDOID};
+	Datum		values[14];
+	char		nulls[14] = "              ";
 	Datum		take_arrays[4];
 	SPIPlanPtr	plan;
 	bool		isnull;
 	Datum		doc;
 
-	if (buy_now)
-		plan = market_prepare(&buy_now_plan, ORDERS_SQL_BUY_NOW, 15, types);
-	else
-		plan = market_prepare(&complete_plan, ORDERS_SQL_COMPLETE, 14, types);
+	plan = market_prepare(&complete_plan, ORDERS_SQL_COMPLETE, 14, types);
 
 	market_takes_to_arrays(takes->items, takes->count, take_arrays);
 	values[0] = UUIDPGetDatum(checkout_id);
@@ -431,9 +426,8 @@ write_orders(bool buy_now, pg_uuid_t *checkout_id, text *customer, text *currenc
 	values[11] = pay->psp ? CStringGetTextDatum(pay->psp) : (Datum) 0;
 	nulls[11] = pay->psp ? ' ' : 'n';
 	values[12] = PointerGetDatum(key);
-	values[13] = extra_id ? UUIDPGetDatum(extra_id) : (Datum) 0;
-	nulls[13] = extra_id ? ' ' : 'n';
-	values[14] = buy_now ? int8_array(frozen->qtys, frozen->n) : (Datum) 0;
+	values[13] = cart_id ? UUIDPGetDatum(cart_id) : (Datum) 0;
+	nulls[13] = cart_id ? ' ' : 'n';
 
 	if (SPI_execute_plan(plan, values, nulls, false, 0) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "market: could not write the orders");
@@ -787,7 +781,7 @@ market_checkout_complete(PG_FUNCTION_ARGS)
 						   uuid_cstring(checkout_id)),
 				 errhint("Begin a new checkout.")));
 
-	response = write_orders(false, checkout_id, customer, currency, &frozen, &takes, &pay, key,
+	response = write_orders(checkout_id, customer, currency, &frozen, &takes, &pay, key,
 							cart_null ? NULL : DatumGetUUIDP(cart_datum));
 	SPI_finish();
 	PG_RETURN_DATUM(response);
@@ -863,29 +857,124 @@ market_buy_now(PG_FUNCTION_ARGS)
 }
 
 /*
- * market_buy_now_apply runs a validated buy_now: claims the key (or
- * replays it), freezes prices, reserves and sells the lines, and writes
- * the orders.  Returns the response document in the caller's memory
- * context.  Used by market.buy_now() and by the batch worker.
+ * buy_now's orders statement, for n checkouts at once (the batch worker
+ * writes a whole chunk of checkouts with it; the direct path passes one).
+ * Parameters, one element per checkout, numbered idx = 0 .. n-1:
+ *	$1 idx, $2 checkout id, $3 customer, $4 currency, $5 total,
+ *	$6 payment method, $7 psp, $8 idempotency key, $9 reservation id;
+ * what was taken, one element per take: $10 idx, $11 sku, $12 warehouse,
+ * $13 qty (several rows per pair allowed); the frozen lines, one element
+ * per (checkout, SKU) in SKU order: $14 idx, $15 sku, $16 unit price,
+ * $17 seller, $18 qty.  Per checkout: one order per seller, its lines per
+ * (sku, warehouse) at the frozen price, one payment, one
+ * 'payment.authorize' outbox row, the checkout row written completed and
+ * the stored response.  Returns (idx, response) per checkout.  Rows are
+ * inserted in idx order, so a checkout's ids and outbox rows come in the
+ * order the checkouts were applied.
  */
-Datum
-market_buy_now_apply(MarketBuyNow *req)
+#define ORDERS_SQL_MANY \
+	"WITH c AS (" \
+	"  SELECT * FROM unnest($1::int4[], $2::uuid[], $3::text[], $4::text[], $5::int8[]," \
+	"                       $6::text[], $7::text[], $8::text[], $9::uuid[])" \
+	"    AS c(idx, checkout_id, customer_id, currency, total, method, psp, key, reservation_id))," \
+	" g AS (" \
+	"  INSERT INTO market.order_groups (checkout_id, customer_id, currency, total_minor)" \
+	"  SELECT c.checkout_id, c.customer_id, c.currency, c.total FROM c ORDER BY c.idx" \
+	"  RETURNING id, checkout_id)," \
+	" gc AS (SELECT c.*, g.id AS group_id FROM c JOIN g ON g.checkout_id = c.checkout_id)," \
+	" f AS (" \
+	"  SELECT * FROM unnest($14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[])" \
+	"    WITH ORDINALITY AS f(idx, sku_id, unit_price, seller_id, qty, n))," \
+	" l AS (" \
+	"  SELECT t.idx, t.sku_id, t.warehouse_id, sum(t.qty)::int8 AS qty, f.unit_price, f.seller_id" \
+	"    FROM unnest($10::int4[], $11::int8[], $12::int4[], $13::int8[]) AS t(idx, sku_id, warehouse_id, qty)" \
+	"    JOIN f ON f.idx = t.idx AND f.sku_id = t.sku_id" \
+	"   GROUP BY t.idx, t.sku_id, t.warehouse_id, f.unit_price, f.seller_id)," \
+	" o AS (" \
+	"  INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)" \
+	"  SELECT gc.group_id, l.seller_id, gc.customer_id, gc.currency, sum(l.qty * l.unit_price)::int8" \
+	"    FROM gc JOIN l ON l.idx = gc.idx" \
+	"   GROUP BY gc.idx, gc.group_id, gc.customer_id, gc.currency, l.seller_id" \
+	"   ORDER BY gc.idx, l.seller_id" \
+	"  RETURNING id, group_id, seller_id, subtotal_minor, status)," \
+	" ol AS (" \
+	"  INSERT INTO market.order_lines (order_id, sku_id, warehouse_id, qty, unit_price_minor)" \
+	"  SELECT o.id, l.sku_id, l.warehouse_id, l.qty, l.unit_price" \
+	"    FROM o JOIN gc ON gc.group_id = o.group_id" \
+	"    JOIN l ON l.idx = gc.idx AND l.seller_id = o.seller_id)," \
+	" p AS (" \
+	"  INSERT INTO market.payments (group_id, customer_id, currency, amount_minor, method, psp)" \
+	"  SELECT gc.group_id, gc.customer_id, gc.currency, gc.total, gc.method, gc.psp" \
+	"    FROM gc ORDER BY gc.idx" \
+	"  RETURNING id, group_id, status, amount_minor, currency, method, psp)," \
+	" ob AS (" \
+	"  INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)" \
+	"  SELECT 'psp', 'payment.authorize', 'payment', p.id," \
+	"         jsonb_build_object('payment_id', p.id, 'group_id', p.group_id," \
+	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
+	"                            'method', p.method, 'psp', p.psp)" \
+	"    FROM p ORDER BY p.id)," \
+	" r AS (" \
+	"  SELECT gc.idx, gc.group_id, gc.customer_id, gc.key, jsonb_build_object(" \
+	"    'order_group', gc.group_id," \
+	"    'orders', (SELECT jsonb_agg(jsonb_build_object('order_id', o.id, 'seller_id', o.seller_id," \
+	"                                'subtotal_minor', o.subtotal_minor, 'status', o.status)" \
+	"                                ORDER BY o.seller_id) FROM o WHERE o.group_id = gc.group_id)," \
+	"    'payment', jsonb_build_object('payment_id', p.id, 'status', p.status," \
+	"                                  'amount_minor', p.amount_minor, 'currency', p.currency)) AS doc" \
+	"    FROM gc JOIN p ON p.group_id = gc.group_id)," \
+	" k AS (" \
+	"  UPDATE market.idempotency_keys k SET response = r.doc FROM r" \
+	"   WHERE k.customer_id = r.customer_id AND k.key = r.key)," \
+	" ck AS (" \
+	"  INSERT INTO market.checkouts (id, cart_id, customer_id, currency, reservation_id, status," \
+	"         sku_ids, qtys, unit_prices, seller_ids, total_minor, expires_at, completed_at, group_id)" \
+	"  SELECT gc.checkout_id, NULL, gc.customer_id, gc.currency, gc.reservation_id, 'completed'," \
+	"         fa.sku_ids, fa.qtys, fa.unit_prices, fa.seller_ids, gc.total, now(), now(), gc.group_id" \
+	"    FROM gc JOIN (SELECT f.idx, array_agg(f.sku_id ORDER BY f.n) AS sku_ids," \
+	"                         array_agg(f.qty ORDER BY f.n) AS qtys," \
+	"                         array_agg(f.unit_price ORDER BY f.n) AS unit_prices," \
+	"                         array_agg(f.seller_id ORDER BY f.n) AS seller_ids" \
+	"                    FROM f GROUP BY f.idx) fa ON fa.idx = gc.idx" \
+	"   ORDER BY gc.idx)" \
+	" SELECT r.idx, r.doc FROM r ORDER BY r.idx"
+
+/* what a prepared buy_now leaves for market_buy_now_write */
+struct MarketBuyNowPending
+{
+	MarketBuyNow *req;
+	pg_uuid_t	checkout_id;
+	pg_uuid_t	reservation_id;
+	FrozenLines frozen;
+	SlotTake   *takes;
+	int			ntakes;
+};
+
+/*
+ * market_buy_now_prepare runs the first part of a validated buy_now:
+ * claims the key, freezes prices and sellers, reserves and sells the
+ * lines.  On a replay it returns false with the stored response; otherwise
+ * true with what market_buy_now_write needs in *pending.  Both are
+ * allocated in the caller's memory context.
+ */
+bool
+market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Datum *response)
 {
 	static SPIPlanPtr skus_plan = NULL;
 	Oid			types[1] = {INT8ARRAYOID};
 	Datum		values[1];
+	MemoryContext caller = CurrentMemoryContext;
 	ReserveLine *lines = req->lines;
 	int			nlines = req->nlines;
 	char	   *currency_str = text_to_cstring(req->currency);
-	PaymentDoc	pay = {req->method, req->psp};
 	int			nskus = 0;
 	Datum	   *sku_list;
-	Datum		response;
-	FrozenLines frozen;
-	pg_uuid_t  *checkout_id = palloc(sizeof(pg_uuid_t));
-	pg_uuid_t	reservation_id;
+	MarketBuyNowPending *pending = palloc0(sizeof(MarketBuyNowPending));
 	TakeList	takes = {0};
 	int			row = 0;
+
+	pending->req = req;
+	frozen_init(&pending->frozen, nlines);
 
 	/* the distinct SKUs (lines are sorted by SKU) */
 	sku_list = palloc(sizeof(Datum) * nlines);
@@ -894,10 +983,10 @@ market_buy_now_apply(MarketBuyNow *req)
 			sku_list[nskus++] = Int64GetDatum(lines[i].sku_id);
 
 	SPI_connect();
-	if (!claim_key(req->customer, req->key, "buy_now", req->fingerprint, &response))
+	if (!claim_key(req->customer, req->key, "buy_now", req->fingerprint, response))
 	{
 		SPI_finish();
-		return response;
+		return false;
 	}
 
 	/* prices and sellers, frozen now */
@@ -909,7 +998,6 @@ market_buy_now_apply(MarketBuyNow *req)
 	values[0] = int8_array(sku_list, nskus);
 	if (SPI_execute_plan(skus_plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "market: could not read the SKUs");
-	frozen_init(&frozen, nskus);
 	for (int s = 0; s < nskus; s++)
 	{
 		int64		sku_id = DatumGetInt64(sku_list[s]);
@@ -937,18 +1025,165 @@ market_buy_now_apply(MarketBuyNow *req)
 		for (int i = 0; i < nlines; i++)
 			if (lines[i].sku_id == sku_id)
 				qty += lines[i].qty;
-		frozen_add(&frozen, sku_id, qty,
+		frozen_add(&pending->frozen, sku_id, qty,
 				   DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull)),
 				   DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull)));
 	}
 
-	/* reserve and sell in one step, then the orders */
-	market_generate_uuid7(checkout_id, GetCurrentTimestamp());
-	market_reserve_lines(lines, nlines, 0, owner_for(checkout_id), true,
-						 &reservation_id, NULL, &takes);
-	response = write_orders(true, checkout_id, req->customer, req->currency, &frozen, &takes, &pay,
-							req->key, &reservation_id);
+	/* reserve and sell in one step */
+	market_generate_uuid7(&pending->checkout_id, GetCurrentTimestamp());
+	market_reserve_lines(lines, nlines, 0, owner_for(&pending->checkout_id), true,
+						 &pending->reservation_id, NULL, &takes);
+	pending->takes = MemoryContextAlloc(caller, sizeof(SlotTake) * Max(takes.count, 1));
+	memcpy(pending->takes, takes.items, sizeof(SlotTake) * takes.count);
+	pending->ntakes = takes.count;
 	SPI_finish();
+	*pending_out = pending;
+	return true;
+}
+
+/* text_array builds a text[] of n datums, NULL where isnull says so. */
+static Datum
+text_array(Datum *elems, bool *isnull, int n)
+{
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	return PointerGetDatum(construct_md_array(elems, isnull, 1, dims, lbs,
+											  TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/*
+ * market_buy_now_write writes the orders of n prepared checkouts in one
+ * statement and puts each one's response document in responses[i], in the
+ * caller's memory context.  All are made by the current user: a caller
+ * with checkouts of several users calls it once per user.
+ */
+void
+market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[18] = {INT4ARRAYOID, UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+		TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, UUIDARRAYOID,
+		INT4ARRAYOID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
+		INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
+	Datum		values[18];
+	Datum	   *idx = palloc(sizeof(Datum) * n);
+	Datum	   *checkout = palloc(sizeof(Datum) * n);
+	Datum	   *customer = palloc(sizeof(Datum) * n);
+	Datum	   *currency = palloc(sizeof(Datum) * n);
+	Datum	   *total = palloc(sizeof(Datum) * n);
+	Datum	   *method = palloc(sizeof(Datum) * n);
+	bool	   *method_null = palloc(sizeof(bool) * n);
+	Datum	   *psp = palloc(sizeof(Datum) * n);
+	bool	   *psp_null = palloc(sizeof(bool) * n);
+	Datum	   *key = palloc(sizeof(Datum) * n);
+	Datum	   *reservation = palloc(sizeof(Datum) * n);
+	int			ntakes = 0;
+	int			nfrozen = 0;
+	Datum	   *t_idx, *t_sku, *t_wh, *t_qty;
+	Datum	   *f_idx, *f_sku, *f_price, *f_seller, *f_qty;
+	int			nt = 0;
+	int			nf = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		ntakes += pending[i]->ntakes;
+		nfrozen += pending[i]->frozen.n;
+	}
+	t_idx = palloc(sizeof(Datum) * Max(ntakes, 1));
+	t_sku = palloc(sizeof(Datum) * Max(ntakes, 1));
+	t_wh = palloc(sizeof(Datum) * Max(ntakes, 1));
+	t_qty = palloc(sizeof(Datum) * Max(ntakes, 1));
+	f_idx = palloc(sizeof(Datum) * Max(nfrozen, 1));
+	f_sku = palloc(sizeof(Datum) * Max(nfrozen, 1));
+	f_price = palloc(sizeof(Datum) * Max(nfrozen, 1));
+	f_seller = palloc(sizeof(Datum) * Max(nfrozen, 1));
+	f_qty = palloc(sizeof(Datum) * Max(nfrozen, 1));
+
+	for (int i = 0; i < n; i++)
+	{
+		MarketBuyNowPending *p = pending[i];
+		MarketBuyNow *req = p->req;
+
+		idx[i] = Int32GetDatum(i);
+		checkout[i] = UUIDPGetDatum(&p->checkout_id);
+		customer[i] = PointerGetDatum(req->customer);
+		currency[i] = PointerGetDatum(req->currency);
+		total[i] = Int64GetDatum(p->frozen.total);
+		method_null[i] = req->method == NULL;
+		method[i] = req->method ? CStringGetTextDatum(req->method) : (Datum) 0;
+		psp_null[i] = req->psp == NULL;
+		psp[i] = req->psp ? CStringGetTextDatum(req->psp) : (Datum) 0;
+		key[i] = PointerGetDatum(req->key);
+		reservation[i] = UUIDPGetDatum(&p->reservation_id);
+		for (int t = 0; t < p->ntakes; t++, nt++)
+		{
+			t_idx[nt] = Int32GetDatum(i);
+			t_sku[nt] = Int64GetDatum(p->takes[t].sku_id);
+			t_wh[nt] = Int32GetDatum(p->takes[t].warehouse_id);
+			t_qty[nt] = Int64GetDatum(p->takes[t].qty);
+		}
+		for (int f = 0; f < p->frozen.n; f++, nf++)
+		{
+			f_idx[nf] = Int32GetDatum(i);
+			f_sku[nf] = p->frozen.sku_ids[f];
+			f_price[nf] = p->frozen.prices[f];
+			f_seller[nf] = p->frozen.sellers[f];
+			f_qty[nf] = p->frozen.qtys[f];
+		}
+	}
+
+	values[0] = int4_array(idx, n);
+	values[1] = PointerGetDatum(construct_array(checkout, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[2] = text_array(customer, NULL, n);
+	values[3] = text_array(currency, NULL, n);
+	values[4] = int8_array(total, n);
+	values[5] = text_array(method, method_null, n);
+	values[6] = text_array(psp, psp_null, n);
+	values[7] = text_array(key, NULL, n);
+	values[8] = PointerGetDatum(construct_array(reservation, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[9] = int4_array(t_idx, nt);
+	values[10] = int8_array(t_sku, nt);
+	values[11] = int4_array(t_wh, nt);
+	values[12] = int8_array(t_qty, nt);
+	values[13] = int4_array(f_idx, nf);
+	values[14] = int8_array(f_sku, nf);
+	values[15] = int8_array(f_price, nf);
+	values[16] = int8_array(f_seller, nf);
+	values[17] = int8_array(f_qty, nf);
+
+	SPI_connect();
+	market_prepare(&plan, ORDERS_SQL_MANY, 18, types);
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT || SPI_processed != (uint64) n)
+		elog(ERROR, "market: could not write the orders of %d checkouts", n);
+	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+		int32		k = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
+		Datum		doc = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+
+		if (k != i || isnull)
+			elog(ERROR, "market: the orders statement returned no response for checkout %d", i);
+		responses[i] = SPI_datumTransfer(doc, false, -1);
+	}
+	SPI_finish();
+}
+
+/*
+ * market_buy_now_apply runs a validated buy_now: prepares it (key, prices,
+ * stock) and writes its orders.  Returns the response document in the
+ * caller's memory context.  Used by market.buy_now() and by the batch
+ * worker when it applies a checkout on its own.
+ */
+Datum
+market_buy_now_apply(MarketBuyNow *req)
+{
+	MarketBuyNowPending *pending;
+	Datum		response;
+
+	if (market_buy_now_prepare(req, &pending, &response))
+		market_buy_now_write(&pending, 1, &response);
 	return response;
 }
 

@@ -188,6 +188,12 @@ typedef struct MarketBuyNow
 extern void market_checkout_define_gucs(void);
 extern Datum market_buy_now_apply(MarketBuyNow *req);
 
+/* a buy_now whose stock is sold and whose orders are still to be written */
+typedef struct MarketBuyNowPending MarketBuyNowPending;
+extern bool market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending,
+								   Datum *response);
+extern void market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses);
+
 /* src/batch.c: the batched reservation path and its worker */
 extern bool market_batch_reserve;
 extern bool market_batch_worker_enabled;
