@@ -931,7 +931,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 			else
 			{
 				market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
-									 request_owner(req), false, &answers[i].id,
+									 request_owner(req), &answers[i].id,
 									 NULL, NULL);
 				note_reserved(estimates, req);
 			}
@@ -978,7 +978,7 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 			apply_buy_now(ans, req, cxt, NULL);
 		else
 			market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
-								 request_owner(req), false, &ans->id, NULL, NULL);
+								 request_owner(req), &ans->id, NULL, NULL);
 		SPI_finish();
 		PopActiveSnapshot();
 		CommitTransactionCommand();

@@ -637,7 +637,7 @@ market_checkout_begin(PG_FUNCTION_ARGS)
 
 	/* one all-or-nothing reservation (MK001 names the short SKU) */
 	market_generate_uuid7(checkout_id, GetCurrentTimestamp());
-	market_reserve_lines(lines, n, ttl_usecs, owner_for(checkout_id), false,
+	market_reserve_lines(lines, n, ttl_usecs, owner_for(checkout_id),
 						 &reservation_id, &expires_at, NULL);
 
 	values[0] = UUIDPGetDatum(checkout_id);
@@ -862,15 +862,18 @@ market_buy_now(PG_FUNCTION_ARGS)
  * Parameters, one element per checkout, numbered idx = 0 .. n-1:
  *	$1 idx, $2 checkout id, $3 customer, $4 currency, $5 total,
  *	$6 payment method, $7 psp, $8 idempotency key, $9 reservation id;
- * what was taken, one element per take: $10 idx, $11 sku, $12 warehouse,
- * $13 qty (several rows per pair allowed); the frozen lines, one element
- * per (checkout, SKU) in SKU order: $14 idx, $15 sku, $16 unit price,
- * $17 seller, $18 qty.  Per checkout: one order per seller, its lines per
+ * what was taken from the slots (free units, still on hand), one element
+ * per take: $10 idx, $11 sku, $12 warehouse, $13 qty, $19 slot (several
+ * per slot allowed); the frozen lines, one element per (checkout, SKU) in
+ * SKU order: $14 idx, $15 sku, $16 unit price, $17 seller, $18 qty.
+ * Per checkout: the reservation, recorded committed; the units leave the
+ * slots (which this transaction already holds) with a sale row per
+ * (sku, warehouse) in the ledger; one order per seller, its lines per
  * (sku, warehouse) at the frozen price, one payment, one
  * 'payment.authorize' outbox row, the checkout row written completed and
- * the stored response.  Returns (idx, response) per checkout.  Rows are
- * inserted in idx order, so a checkout's ids and outbox rows come in the
- * order the checkouts were applied.
+ * the stored response.  Returns (idx, response, slots sold from) per
+ * checkout.  Rows are inserted in idx order, so a checkout's ids and
+ * outbox rows come in the order the checkouts were applied.
  */
 #define ORDERS_SQL_MANY \
 	"WITH c AS (" \
@@ -882,13 +885,41 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"  SELECT c.checkout_id, c.customer_id, c.currency, c.total FROM c ORDER BY c.idx" \
 	"  RETURNING id, checkout_id)," \
 	" gc AS (SELECT c.*, g.id AS group_id FROM c JOIN g ON g.checkout_id = c.checkout_id)," \
+	" t AS (" \
+	"  SELECT t.idx, t.sku_id, t.warehouse_id, t.slot, sum(t.qty)::int8 AS qty" \
+	"    FROM unnest($10::int4[], $11::int8[], $12::int4[], $19::int4[], $13::int8[])" \
+	"      AS t(idx, sku_id, warehouse_id, slot, qty)" \
+	"   GROUP BY t.idx, t.sku_id, t.warehouse_id, t.slot)," \
+	" rs AS (" \
+	"  INSERT INTO market.reservations (id, owner, status, created_at, expires_at," \
+	"         sku_ids, warehouse_ids, slots, qtys, finished_at)" \
+	"  SELECT c.reservation_id, 'checkout ' || c.checkout_id, 'committed', x.at, x.at," \
+	"         tr.sku_ids, tr.warehouse_ids, tr.slots, tr.qtys, x.at" \
+	"    FROM c CROSS JOIN (SELECT clock_timestamp() AS at) x" \
+	"    JOIN (SELECT t.idx, array_agg(t.sku_id ORDER BY t.sku_id, t.warehouse_id, t.slot) AS sku_ids," \
+	"                 array_agg(t.warehouse_id ORDER BY t.sku_id, t.warehouse_id, t.slot) AS warehouse_ids," \
+	"                 array_agg(t.slot ORDER BY t.sku_id, t.warehouse_id, t.slot) AS slots," \
+	"                 array_agg(t.qty ORDER BY t.sku_id, t.warehouse_id, t.slot) AS qtys" \
+	"            FROM t GROUP BY t.idx) tr ON tr.idx = c.idx" \
+	"   ORDER BY c.idx)," \
+	" sold AS (" \
+	"  UPDATE market.stock_slots s SET on_hand = s.on_hand - v.qty" \
+	"    FROM (SELECT t.sku_id, t.warehouse_id, t.slot, sum(t.qty)::int8 AS qty FROM t" \
+	"           GROUP BY t.sku_id, t.warehouse_id, t.slot) v" \
+	"   WHERE s.sku_id = v.sku_id AND s.warehouse_id = v.warehouse_id AND s.slot = v.slot" \
+	"  RETURNING 1)," \
+	" led AS (" \
+	"  INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind, reservation_id)" \
+	"  SELECT t.sku_id, t.warehouse_id, -sum(t.qty)::int8, 'sale', c.reservation_id" \
+	"    FROM t JOIN c ON c.idx = t.idx" \
+	"   GROUP BY c.idx, c.reservation_id, t.sku_id, t.warehouse_id" \
+	"   ORDER BY c.idx, t.sku_id, t.warehouse_id)," \
 	" f AS (" \
 	"  SELECT * FROM unnest($14::int4[], $15::int8[], $16::int8[], $17::int8[], $18::int8[])" \
 	"    WITH ORDINALITY AS f(idx, sku_id, unit_price, seller_id, qty, n))," \
 	" l AS (" \
 	"  SELECT t.idx, t.sku_id, t.warehouse_id, sum(t.qty)::int8 AS qty, f.unit_price, f.seller_id" \
-	"    FROM unnest($10::int4[], $11::int8[], $12::int4[], $13::int8[]) AS t(idx, sku_id, warehouse_id, qty)" \
-	"    JOIN f ON f.idx = t.idx AND f.sku_id = t.sku_id" \
+	"    FROM t JOIN f ON f.idx = t.idx AND f.sku_id = t.sku_id" \
 	"   GROUP BY t.idx, t.sku_id, t.warehouse_id, f.unit_price, f.seller_id)," \
 	" o AS (" \
 	"  INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)" \
@@ -937,7 +968,7 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"                         array_agg(f.seller_id ORDER BY f.n) AS seller_ids" \
 	"                    FROM f GROUP BY f.idx) fa ON fa.idx = gc.idx" \
 	"   ORDER BY gc.idx)" \
-	" SELECT r.idx, r.doc FROM r ORDER BY r.idx"
+	" SELECT r.idx, r.doc, (SELECT count(*) FROM sold) FROM r ORDER BY r.idx"
 
 /* what a prepared buy_now leaves for market_buy_now_write */
 struct MarketBuyNowPending
@@ -1030,10 +1061,11 @@ market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Dat
 				   DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull)));
 	}
 
-	/* reserve and sell in one step */
+	/* the units, taken from their slots; the write sells them */
+	for (int i = 0; i < nlines; i++)
+		market_take_line(&lines[i], &takes);
 	market_generate_uuid7(&pending->checkout_id, GetCurrentTimestamp());
-	market_reserve_lines(lines, nlines, 0, owner_for(&pending->checkout_id), true,
-						 &pending->reservation_id, NULL, &takes);
+	market_generate_uuid7(&pending->reservation_id, GetCurrentTimestamp());
 	pending->takes = MemoryContextAlloc(caller, sizeof(SlotTake) * Max(takes.count, 1));
 	memcpy(pending->takes, takes.items, sizeof(SlotTake) * takes.count);
 	pending->ntakes = takes.count;
@@ -1063,11 +1095,13 @@ void
 market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[18] = {INT4ARRAYOID, UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+	Oid			types[19] = {INT4ARRAYOID, UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
 		TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, UUIDARRAYOID,
 		INT4ARRAYOID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
-		INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID};
-	Datum		values[18];
+		INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT4ARRAYOID};
+	Datum		values[19];
+	SlotTake   *all_takes;
+	int			nslots = 0;
 	Datum	   *idx = palloc(sizeof(Datum) * n);
 	Datum	   *checkout = palloc(sizeof(Datum) * n);
 	Datum	   *customer = palloc(sizeof(Datum) * n);
@@ -1081,7 +1115,7 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 	Datum	   *reservation = palloc(sizeof(Datum) * n);
 	int			ntakes = 0;
 	int			nfrozen = 0;
-	Datum	   *t_idx, *t_sku, *t_wh, *t_qty;
+	Datum	   *t_idx, *t_sku, *t_wh, *t_qty, *t_slot;
 	Datum	   *f_idx, *f_sku, *f_price, *f_seller, *f_qty;
 	int			nt = 0;
 	int			nf = 0;
@@ -1095,6 +1129,8 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 	t_sku = palloc(sizeof(Datum) * Max(ntakes, 1));
 	t_wh = palloc(sizeof(Datum) * Max(ntakes, 1));
 	t_qty = palloc(sizeof(Datum) * Max(ntakes, 1));
+	t_slot = palloc(sizeof(Datum) * Max(ntakes, 1));
+	all_takes = palloc(sizeof(SlotTake) * Max(ntakes, 1));
 	f_idx = palloc(sizeof(Datum) * Max(nfrozen, 1));
 	f_sku = palloc(sizeof(Datum) * Max(nfrozen, 1));
 	f_price = palloc(sizeof(Datum) * Max(nfrozen, 1));
@@ -1123,6 +1159,8 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 			t_sku[nt] = Int64GetDatum(p->takes[t].sku_id);
 			t_wh[nt] = Int32GetDatum(p->takes[t].warehouse_id);
 			t_qty[nt] = Int64GetDatum(p->takes[t].qty);
+			t_slot[nt] = Int32GetDatum(p->takes[t].slot);
+			all_takes[nt] = p->takes[t];
 		}
 		for (int f = 0; f < p->frozen.n; f++, nf++)
 		{
@@ -1152,9 +1190,16 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 	values[15] = int8_array(f_price, nf);
 	values[16] = int8_array(f_seller, nf);
 	values[17] = int8_array(f_qty, nf);
+	values[18] = int4_array(t_slot, nt);
+
+	/* the slots sold from, for the check below */
+	qsort(all_takes, nt, sizeof(SlotTake), market_compare_takes);
+	for (int i = 0; i < nt; i++)
+		if (i == 0 || market_compare_takes(&all_takes[i], &all_takes[i - 1]) != 0)
+			nslots++;
 
 	SPI_connect();
-	market_prepare(&plan, ORDERS_SQL_MANY, 18, types);
+	market_prepare(&plan, ORDERS_SQL_MANY, 19, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT || SPI_processed != (uint64) n)
 		elog(ERROR, "market: could not write the orders of %d checkouts", n);
 	for (int i = 0; i < n; i++)
@@ -1162,9 +1207,13 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 		bool		isnull;
 		int32		k = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 		Datum		doc = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
+		bool		nonull;
+		int64		sold = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &nonull));
 
 		if (k != i || isnull)
 			elog(ERROR, "market: the orders statement returned no response for checkout %d", i);
+		if (sold != nslots)
+			elog(ERROR, "market: a reserved slot is missing");
 		responses[i] = SPI_datumTransfer(doc, false, -1);
 	}
 	SPI_finish();

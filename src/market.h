@@ -159,7 +159,7 @@ extern int64 market_resolve_ttl(FunctionCallInfo fcinfo, int argno);
 extern void market_generate_uuid7(pg_uuid_t *uuid, TimestampTz now);
 extern ReserveLine *market_parse_items(Jsonb *items, int *nlines);
 extern void market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
-								 text *owner, bool sell, pg_uuid_t *id_out,
+								 text *owner, pg_uuid_t *id_out,
 								 TimestampTz *expires_out, TakeList *takes_out);
 extern bool market_commit_reservation(pg_uuid_t *id, TakeList *takes);
 

@@ -295,27 +295,25 @@ market_parse_items(Jsonb *items, int *nlines)
 }
 
 /*
- * insert_reservation writes the reservation row with its takes: held until
- * expires_at, or (sold) committed at once, finished at now.
+ * insert_reservation writes the reservation row with its takes, held until
+ * expires_at.
  */
 static void
 insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
-				   TimestampTz expires_at, TakeList *takes, bool sold)
+				   TimestampTz expires_at, TakeList *takes)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			types[9] = {UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, TIMESTAMPTZOID};
-	Datum		values[9];
-	char		nulls[9] = "         ";
+	Oid			types[8] = {UUIDOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID};
+	Datum		values[8];
+	char		nulls[8] = "        ";
 	int			rc;
 
 	market_prepare(&plan,
 				   "INSERT INTO market.reservations"
-				   " (id, owner, status, created_at, expires_at, sku_ids, warehouse_ids, slots, qtys,"
-				   "  finished_at)"
-				   " VALUES ($1, $2, CASE WHEN $9 IS NULL THEN 'held' ELSE 'committed' END,"
-				   "  $3, $4, $5, $6, $7, $8, $9)",
-				   9, types);
+				   " (id, owner, status, created_at, expires_at, sku_ids, warehouse_ids, slots, qtys)"
+				   " VALUES ($1, $2, 'held', $3, $4, $5, $6, $7, $8)",
+				   8, types);
 	values[0] = UUIDPGetDatum(id);
 	values[1] = owner ? PointerGetDatum(owner) : (Datum) 0;
 	if (!owner)
@@ -323,9 +321,6 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 	values[2] = TimestampTzGetDatum(now);
 	values[3] = TimestampTzGetDatum(expires_at);
 	market_takes_to_arrays(takes->items, takes->count, &values[4]);
-	values[8] = TimestampTzGetDatum(now);
-	if (!sold)
-		nulls[8] = 'n';
 	rc = SPI_execute_plan(plan, values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT)
 		elog(ERROR, "market: could not record reservation: %s", SPI_result_code_string(rc));
@@ -334,30 +329,26 @@ insert_reservation(pg_uuid_t *id, text *owner, TimestampTz now,
 /*
  * market_reserve_lines is the reservation core, callable for a batch: it
  * reserves every line (all or nothing, raising on the first that cannot be
- * served) and records one reservation.  With sell, the units are sold at
- * once: the row is recorded as committed and the units leave stock with
- * their sale rows in the ledger, as reservation_commit would do (this is
- * buy_now's one-step path).  takes_out, when given, receives what was
- * taken (allocated in the current, SPI, memory context); expires_out the
- * reservation's expires_at.  Caller is inside SPI.
+ * served) and records one reservation, held until now + ttl.  takes_out,
+ * when given, receives what was taken (allocated in the current, SPI,
+ * memory context); expires_out the reservation's expires_at.  Caller is
+ * inside SPI.  (buy_now takes its lines with market_take_line and records
+ * the sold reservation together with its orders, src/checkout.c.)
  */
 void
 market_reserve_lines(ReserveLine *lines, int nlines, int64 ttl_usecs,
-					 text *owner, bool sell, pg_uuid_t *id_out,
+					 text *owner, pg_uuid_t *id_out,
 					 TimestampTz *expires_out, TakeList *takes_out)
 {
 	TakeList	takes = {0};
 	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz expires_at = sell ? now : now + ttl_usecs;
+	TimestampTz expires_at = now + ttl_usecs;
 
 	for (int i = 0; i < nlines; i++)
 		market_take_line(&lines[i], &takes);
 	market_generate_uuid7(id_out, now);
-	insert_reservation(id_out, owner, now, expires_at, &takes, sell);
-	if (sell)
-		market_return_units(takes.items, takes.count, true, id_out);
-	else
-		market_note_expiry(expires_at);
+	insert_reservation(id_out, owner, now, expires_at, &takes);
+	market_note_expiry(expires_at);
 	if (expires_out)
 		*expires_out = expires_at;
 	if (takes_out)
@@ -394,7 +385,7 @@ market_reserve(PG_FUNCTION_ARGS)
 		PG_RETURN_UUID_P(id);
 
 	SPI_connect();
-	market_reserve_lines(lines, nlines, ttl_usecs, owner, false, id, NULL, NULL);
+	market_reserve_lines(lines, nlines, ttl_usecs, owner, id, NULL, NULL);
 	SPI_finish();
 	PG_RETURN_UUID_P(id);
 }
