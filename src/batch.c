@@ -27,15 +27,23 @@
  * (the worker stopped while holding the request) raises MK006; the
  * reservation then either never happened or expires by its TTL.
  *
- * Workers: market.batch_workers of them (1 by default), all serving
- * market.database and popping the same ring, so that one applies or
- * commits a batch while another takes what arrived meanwhile.  A backend
- * wakes one idle worker; a busy one looks at the ring again before it
- * sleeps.  Caveat: a batch holds the slot locks of all its requests until
- * it commits, so two workers whose batches take scarce SKUs in different
- * orders (carts of several lines) can deadlock; the deadlock detector then
- * fails one checkout with 40P01 after deadlock_timeout.  Hence one worker
- * by default; more only for single-line sales or plentiful stock.
+ * Workers: market.batch_workers of them, all serving market.database and
+ * popping the same ring, so that one applies or commits a batch while
+ * another takes what arrived meanwhile.  A backend wakes one idle worker; a
+ * busy one looks at the ring again before it sleeps.
+ *
+ * Lock waits.  A batch holds the slot locks of all its requests until it
+ * commits, so two batches that take scarce SKUs in different orders (carts
+ * of several lines) could wait for each other for good.  So a batch never
+ * waits long: its transaction runs with lock_timeout =
+ * BATCH_LOCK_TIMEOUT_MS, and a checkout or reservation whose lock wait
+ * times out is undone (its subtransaction, or the whole chunk for a
+ * reservation) and applied again on its own once the batch has committed:
+ * alone in its transaction, holding nothing else, with no lock_timeout,
+ * like a direct call.  A cycle of waits therefore always contains a batch
+ * waiter, which gives up within the timeout; the retried request waits in
+ * lock order, as the direct path does.  This also keeps a session that
+ * holds a SKU's slots from stalling the other checkouts of the batch.
  *
  * Requests: market.reserve() (market.batch_reserve) and, from 0.4,
  * market.buy_now() (market.batch_checkout).  A checkout runs in a
@@ -97,6 +105,7 @@ PG_FUNCTION_INFO_V1(market_batch_status);
 #define BATCH_MAX_LINES			8
 #define BATCH_RESPONSE_LEN		4096	/* a buy_now response (jsonb) up to this size */
 #define BATCH_MAX_SUBXACTS		PGPROC_MAX_CACHED_SUBXIDS
+#define BATCH_LOCK_TIMEOUT_MS	"50"	/* longest lock wait inside a batch */
 #define CUSTOMER_BYTES			(MARKET_MAX_CUSTOMER_CHARS * MAX_MULTIBYTE_CHAR_LEN)
 #define KEY_BYTES				(MARKET_MAX_KEY_CHARS * MAX_MULTIBYTE_CHAR_LEN)
 #define PAYMENT_BYTES			(MARKET_MAX_PAYMENT_CHARS * MAX_MULTIBYTE_CHAR_LEN)
@@ -174,6 +183,7 @@ typedef struct BatchShared
 	pg_atomic_uint64 batches;
 	pg_atomic_uint64 requests;
 	pg_atomic_uint64 fallbacks; /* batches replayed request by request */
+	pg_atomic_uint64 retried_alone; /* requests re-applied alone after a lock timeout */
 	pg_atomic_uint64 largest;
 	/* followed by int ring[capacity] and BatchRequest requests[capacity] */
 } BatchShared;
@@ -240,6 +250,7 @@ market_batch_shmem_init(void)
 	pg_atomic_init_u64(&batch->batches, 0);
 	pg_atomic_init_u64(&batch->requests, 0);
 	pg_atomic_init_u64(&batch->fallbacks, 0);
+	pg_atomic_init_u64(&batch->retried_alone, 0);
 	pg_atomic_init_u64(&batch->largest, 0);
 	for (int i = 0; i < MaxBackends; i++)
 		pg_atomic_init_u32(&batch_requests[i].state, BR_FREE);
@@ -564,6 +575,7 @@ market_batch_try_buy_now(MarketBuyNow *mb, Datum *response)
 typedef struct BatchAnswer
 {
 	int			procno;
+	bool		retry_alone;	/* a lock wait timed out: apply it on its own */
 	pg_uuid_t	id;
 	Jsonb	   *response;		/* buy_now: the response document */
 	int			sqlerrcode;
@@ -791,7 +803,10 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt,
 		CurrentResourceOwner = outer_owner;
 		act_as(own_session, save_userid, save_sec);
 		ans->response = NULL;
-		answer_error(ans, edata);
+		if (edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && pending != NULL)
+			ans->retry_alone = true;
+		else
+			answer_error(ans, edata);
 		prepared = false;
 	}
 	PG_END_TRY();
@@ -959,15 +974,29 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 	return ok;
 }
 
+/* set_lock_timeout sets the worker's lock_timeout (milliseconds, "0": none). */
+static void
+set_lock_timeout(const char *ms)
+{
+	SetConfigOption("lock_timeout", ms, PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 /*
  * apply_one applies a single request in its own transaction, catching its
- * error for the answer.  Used to replay a batch that failed as a whole.
+ * error for the answer, and waiting for locks as long as it takes (it holds
+ * nothing else).  Used for a request whose lock wait timed out in a batch,
+ * and to replay a batch that failed as a whole.
  */
 static void
 apply_one(BatchAnswer *ans, MemoryContext cxt)
 {
 	BatchRequest *req = &batch_requests[ans->procno];
 
+	memset(&ans->id, 0, sizeof(pg_uuid_t));
+	ans->sqlerrcode = 0;
+	ans->response = NULL;
+	ans->retry_alone = false;
+	set_lock_timeout("0");
 	PG_TRY();
 	{
 		SetCurrentStatementStartTimestamp();
@@ -996,6 +1025,7 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 		answer_error(ans, edata);
 	}
 	PG_END_TRY();
+	set_lock_timeout(BATCH_LOCK_TIMEOUT_MS);
 }
 
 /* queue_length is the number of queued requests. */
@@ -1084,12 +1114,7 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 		{
 			pg_atomic_fetch_add_u64(&batch->fallbacks, 1);
 			for (int i = 0; i < len; i++)
-			{
-				memset(&chunk[i].id, 0, sizeof(pg_uuid_t));
-				chunk[i].sqlerrcode = 0;
-				chunk[i].response = NULL;
 				apply_one(&chunk[i], cxt);
-			}
 		}
 		/* counted before answering, so that a caller sees its own request counted */
 		pg_atomic_fetch_add_u64(&batch->batches, 1);
@@ -1097,7 +1122,16 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 		if ((uint64) len > pg_atomic_read_u64(&batch->largest))
 			pg_atomic_write_u64(&batch->largest, len);
 		for (int i = 0; i < len; i++)
-			publish_answer(&chunk[i]);
+			if (!chunk[i].retry_alone)
+				publish_answer(&chunk[i]);
+		/* the batch is committed: what timed out waiting now waits alone */
+		for (int i = 0; i < len; i++)
+			if (chunk[i].retry_alone)
+			{
+				pg_atomic_fetch_add_u64(&batch->retried_alone, 1);
+				apply_one(&chunk[i], cxt);
+				publish_answer(&chunk[i]);
+			}
 	}
 	if (n > 0)
 	{
@@ -1176,6 +1210,7 @@ market_batch_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(market_database, NULL, 0);
 	pgstat_report_appname("market batch worker");
+	set_lock_timeout(BATCH_LOCK_TIMEOUT_MS);
 
 	my_worker = DatumGetInt32(main_arg);
 	Assert(my_worker >= 0 && my_worker < MAX_BATCH_WORKERS);
@@ -1235,22 +1270,27 @@ market_batch_worker_main(Datum main_arg)
 	}
 }
 
-/* market.batch_status() reports on the batch worker and its queue. */
+/*
+ * market.batch_status() reports on the batch worker and its queue: seven
+ * columns up to release 0.3, eight (retried_alone) from 0.4; it fills what
+ * the installed definition declares.
+ */
 Datum
 market_batch_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	desc;
-	Datum		values[7];
-	bool		nulls[7] = {0};
+	Datum		values[8];
+	bool		nulls[8] = {0};
 
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "market: batch_status must return a record");
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE ||
+		desc->natts < 7 || desc->natts > 8)
+		elog(ERROR, "market: batch_status must return a record of 7 or 8 columns");
 	desc = BlessTupleDesc(desc);
 
 	if (batch == NULL)
 	{
 		values[0] = BoolGetDatum(false);
-		for (int i = 1; i < 7; i++)
+		for (int i = 1; i < 8; i++)
 			nulls[i] = true;
 	}
 	else
@@ -1266,6 +1306,7 @@ market_batch_status(PG_FUNCTION_ARGS)
 		values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->requests));
 		values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->fallbacks));
 		values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->largest));
+		values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&batch->retried_alone));
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

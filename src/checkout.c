@@ -945,15 +945,18 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
 	"                            'method', p.method, 'psp', p.psp)" \
 	"    FROM p ORDER BY p.id)," \
+	" oa AS (" \
+	"  SELECT o.group_id, jsonb_agg(jsonb_build_object('order_id', o.id, 'seller_id', o.seller_id," \
+	"                               'subtotal_minor', o.subtotal_minor, 'status', o.status)" \
+	"                               ORDER BY o.seller_id) AS orders" \
+	"    FROM o GROUP BY o.group_id)," \
 	" r AS (" \
 	"  SELECT gc.idx, gc.group_id, gc.customer_id, gc.key, jsonb_build_object(" \
 	"    'order_group', gc.group_id," \
-	"    'orders', (SELECT jsonb_agg(jsonb_build_object('order_id', o.id, 'seller_id', o.seller_id," \
-	"                                'subtotal_minor', o.subtotal_minor, 'status', o.status)" \
-	"                                ORDER BY o.seller_id) FROM o WHERE o.group_id = gc.group_id)," \
+	"    'orders', oa.orders," \
 	"    'payment', jsonb_build_object('payment_id', p.id, 'status', p.status," \
 	"                                  'amount_minor', p.amount_minor, 'currency', p.currency)) AS doc" \
-	"    FROM gc JOIN p ON p.group_id = gc.group_id)," \
+	"    FROM gc JOIN p ON p.group_id = gc.group_id JOIN oa ON oa.group_id = gc.group_id)," \
 	" k AS (" \
 	"  UPDATE market.idempotency_keys k SET response = r.doc FROM r" \
 	"   WHERE k.customer_id = r.customer_id AND k.key = r.key)," \
