@@ -17,7 +17,8 @@
 #      payment and one payment.authorize outbox row; the groups are exactly
 #      those handed out; the worker really batched;
 #   3. replaying keys (batched and direct) returns the first response
-#      unchanged and writes nothing; the audit is clean;
+#      unchanged and writes nothing; the audit is clean; one key sent by
+#      sixteen sessions at once makes one checkout and every call succeeds;
 #   4. a checkout held up by a session locking a SKU's slots times out its
 #      lock wait in the batch and is applied again on its own (the other
 #      checkouts of its batch are answered meanwhile); terminating the batch
@@ -224,6 +225,27 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM market.order_events'),
 	$events, 'replays wrote nothing');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM market.verify_inventory()'),
 	'0', 'audit clean after the race');
+
+# 3b. one key sent by sixteen sessions at once, three times each: the copies
+# that share a batch with the first are applied after its orders are written
+# and replay them; every call succeeds and one checkout is made
+$node->safe_psql('postgres', 'SELECT market.stock_set(2, 1, 100)');
+$node->pgbench(
+	'-n -c 16 -j 4 -t 3 -U shopper',
+	0,
+	[qr{processed: 48/48}],
+	[],
+	'sixteen sessions send one key three times each, every call succeeds',
+	{
+		'005_dupkey' => q{SET market.batch_checkout = on;
+SELECT market.buy_now('dup', '[{"sku_id": 2, "qty": 1}]', 'dup-key', '{"method": "pm_card_visa"}', 'EUR');
+}
+	});
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) || ' ' || count(k.response) FROM market.order_groups g
+		   LEFT JOIN market.idempotency_keys k ON k.customer_id = 'dup' AND k.key = 'dup-key'
+		  WHERE g.customer_id = 'dup'}),
+	'1 1', 'one order group for the key, and its response stored');
 
 # 4. the worker is terminated in the middle of a second race (fresh stock)
 $node->safe_psql('postgres',
