@@ -192,7 +192,7 @@ bool		market_batch_reserve = false;
 bool		market_batch_checkout = false;
 bool		market_batch_worker_enabled = true;
 int			market_batch_max = 256;
-int			market_batch_workers = 1;
+int			market_batch_workers = 2;
 
 /* this process's worker slot, in a batch worker */
 static int	my_worker = -1;
@@ -278,7 +278,7 @@ market_define_batch_gucs(void)
 	DefineCustomIntVariable("market.batch_workers",
 							"Number of batch workers.",
 							"Each takes what is queued when it is free, so one commits while another works.",
-							&market_batch_workers, 1, 1, MAX_BATCH_WORKERS,
+							&market_batch_workers, 2, 1, MAX_BATCH_WORKERS,
 							PGC_POSTMASTER, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("market.batch_max",
 							"Most reservations the batch worker applies in one transaction.",
