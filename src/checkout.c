@@ -8,12 +8,18 @@
  *	  the settings of this part.  The cart functions themselves are SQL
  *	  (sql/0.1--0.2/40_checkout.sql).
  *
- * Hot path: checkout_complete and buy_now run a handful of saved SPI plans:
- * lock the checkout (complete), claim the idempotency key, commit or sell
- * the reservation through the reservation core (src/reservation.c), and
- * one statement whose data-modifying CTEs write the order group, the
- * orders, their lines, the payment, the outbox row, the stored response
- * and the checkout row.
+ * Hot path: checkout_complete and buy_now run a handful of saved SPI plans.
+ * checkout_complete: lock the checkout, claim the idempotency key, commit
+ * the reservation through the reservation core (src/reservation.c), and one
+ * statement whose data-modifying CTEs write the order group, the orders,
+ * their lines, the payment, the outbox row, the stored response and the
+ * checkout row.  buy_now is two steps: market_buy_now_prepare claims the
+ * key, freezes prices and takes the units from their slots (the slot
+ * engine, src/inventory.c); market_buy_now_write then writes, for any
+ * number of prepared checkouts at once, the sold reservations, the units
+ * off hand, the ledger's sale rows and everything checkout_complete's
+ * statement writes.  The direct path writes one; the batch worker
+ * (src/batch.c) a whole chunk.
  *
  * Locking (extends the protocol of market.h):
  *	cart row -> checkout row -> idempotency key -> reservation row -> slots.
