@@ -317,6 +317,19 @@ claim_key(text *customer, text *key, const char *operation, bytea *fp,
  */
 
 /*
+ * The CTE that queues the 'payment.authorize' outbox row of each payment
+ * written by CTE p, shared by both orders statements below.
+ */
+#define ORDERS_SQL_AUTHORIZE_JOBS \
+	" ob AS (" \
+	"  INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)" \
+	"  SELECT 'psp', 'payment.authorize', 'payment', p.id," \
+	"         jsonb_build_object('payment_id', p.id, 'group_id', p.group_id," \
+	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
+	"                            'method', p.method, 'psp', p.psp)" \
+	"    FROM p ORDER BY p.id),"
+
+/*
  * checkout_complete's statement that turns a sold reservation into orders
  * (buy_now has its own, for many checkouts at once, below).  Parameters:
  *	$1 checkout id, $2 customer, $3 currency, $4 total,
@@ -350,13 +363,7 @@ claim_key(text *customer, text *key, const char *operation, bytea *fp,
 	"  INSERT INTO market.payments (group_id, customer_id, currency, amount_minor, method, psp)" \
 	"  SELECT g.id, $2, $3, $4, $11, $12 FROM g" \
 	"  RETURNING id, group_id, status, amount_minor, currency, method, psp)," \
-	" ob AS (" \
-	"  INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)" \
-	"  SELECT 'psp', 'payment.authorize', 'payment', p.id," \
-	"         jsonb_build_object('payment_id', p.id, 'group_id', p.group_id," \
-	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
-	"                            'method', p.method, 'psp', p.psp)" \
-	"    FROM p)," \
+	ORDERS_SQL_AUTHORIZE_JOBS \
 	" r AS (" \
 	"  SELECT g.id AS group_id, jsonb_build_object(" \
 	"    'order_group', g.id," \
@@ -944,13 +951,7 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"  SELECT gc.group_id, gc.customer_id, gc.currency, gc.total, gc.method, gc.psp" \
 	"    FROM gc ORDER BY gc.idx" \
 	"  RETURNING id, group_id, status, amount_minor, currency, method, psp)," \
-	" ob AS (" \
-	"  INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)" \
-	"  SELECT 'psp', 'payment.authorize', 'payment', p.id," \
-	"         jsonb_build_object('payment_id', p.id, 'group_id', p.group_id," \
-	"                            'amount_minor', p.amount_minor, 'currency', p.currency," \
-	"                            'method', p.method, 'psp', p.psp)" \
-	"    FROM p ORDER BY p.id)," \
+	ORDERS_SQL_AUTHORIZE_JOBS \
 	" oa AS (" \
 	"  SELECT o.group_id, jsonb_agg(jsonb_build_object('order_id', o.id, 'seller_id', o.seller_id," \
 	"                               'subtotal_minor', o.subtotal_minor, 'status', o.status)" \
