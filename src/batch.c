@@ -740,7 +740,9 @@ act_as(Oid session_user, Oid current_user, int sec_context)
  * apply_buy_now runs one buy_now in a subtransaction of the batch's
  * transaction, as its requester: success leaves its rows in the batch and
  * the response in the answer; an error is the answer and undoes only this
- * request.  With pending, it stops once the stock is sold and returns true
+ * request, except a lock wait that ran out of the batch's lock_timeout: that
+ * marks the answer retry_alone instead.  With pending, it stops once the
+ * stock is sold and returns true
  * with what is left to write in *pending (a replay or an error is answered
  * and returns false): write_pending then writes the orders of every such
  * checkout of the chunk in one statement.
@@ -803,8 +805,8 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt,
 		CurrentResourceOwner = outer_owner;
 		act_as(own_session, save_userid, save_sec);
 		ans->response = NULL;
-		if (edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && pending != NULL)
-			ans->retry_alone = true;
+		if (edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE && LockTimeout > 0)
+			ans->retry_alone = true;	/* the batch's bounded wait ran out */
 		else
 			answer_error(ans, edata);
 		prepared = false;
