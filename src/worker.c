@@ -17,6 +17,16 @@
  * postmaster starts it again after bgw_restart_time (1 s); nothing is lost
  * because a batch commits or rolls back whole.
  *
+ * Lock waits.  The worker locks reservation rows, then slot rows, both with
+ * SKIP LOCKED; a reserving session on the exact path holds a pair's slot
+ * rows, then locks expired reservation rows with SKIP LOCKED.  SKIP LOCKED
+ * does not cover every wait, though: following a row's chain of updated
+ * versions still waits for the updater, and the two could then wait for
+ * each other.  So the worker never waits long: it runs with lock_timeout =
+ * EXPIRY_LOCK_TIMEOUT_MS, and a batch whose wait times out is rolled back
+ * (nothing of it is lost) and tried again LOCKED_RETRY_MS later, long
+ * before deadlock_timeout would make the session the deadlock's victim.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -35,6 +45,7 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -49,6 +60,7 @@ PG_FUNCTION_INFO_V1(market_worker_status);
 #define PURGE_BATCH				10000
 #define NO_EXTENSION_RETRY_MS	5000
 #define LOCKED_RETRY_MS			50
+#define EXPIRY_LOCK_TIMEOUT_MS	"100"	/* longest lock wait of a batch */
 
 /* market_register_worker registers the static expiry worker. */
 void
@@ -77,31 +89,58 @@ static int
 run_batch(bool do_purge, bool skip_busy, TimestampTz *next, bool *missing,
 		  int *skipped)
 {
-	int			expired = 0;
+	volatile int expired = 0;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	*skipped = 0;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "market: expiring reservations");
-
-	*missing = !OidIsValid(get_extension_oid("market", true));
-	if (!*missing)
+	PG_TRY();
 	{
-		expired = market_expire_batch(market_expiry_batch_size, skip_busy, skipped);
-		if (expired + *skipped < market_expiry_batch_size)
-		{
-			if (do_purge)
-				market_purge_finished(PURGE_BATCH);
-			*next = market_next_expiry();
-		}
-	}
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		SPI_connect();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		pgstat_report_activity(STATE_RUNNING, "market: expiring reservations");
 
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+		*missing = !OidIsValid(get_extension_oid("market", true));
+		if (!*missing)
+		{
+			expired = market_expire_batch(market_expiry_batch_size, skip_busy, skipped);
+			if (expired + *skipped < market_expiry_batch_size)
+			{
+				if (do_purge)
+					market_purge_finished(PURGE_BATCH);
+				*next = market_next_expiry();
+			}
+		}
+
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		/* a lock wait that timed out: roll back, try again shortly */
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		if (edata->sqlerrcode != ERRCODE_LOCK_NOT_AVAILABLE)
+		{
+			RESUME_INTERRUPTS();
+			PG_RE_THROW();
+		}
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		ereport(DEBUG1,
+				(errmsg("market expiry worker: a batch timed out waiting for a lock; retrying")));
+		expired = 0;
+		*skipped = 0;
+		*next = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), LOCKED_RETRY_MS);
+	}
+	PG_END_TRY();
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return expired;
@@ -120,6 +159,7 @@ market_expiry_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(market_database, NULL, 0);
 	pgstat_report_appname("market expiry worker");
+	SetConfigOption("lock_timeout", EXPIRY_LOCK_TIMEOUT_MS, PGC_SUSET, PGC_S_OVERRIDE);
 
 	pg_atomic_write_u32(&market_shared->worker_procno, MyProc->pgprocno);
 	pg_atomic_write_u32(&market_shared->worker_pid, (uint32) MyProcPid);
