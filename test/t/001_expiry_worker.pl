@@ -16,6 +16,9 @@
 #   6. expiry lag, finished_at - expires_at, p99 < 1 s (the requirement)
 #   7. the same bound for a reservation whose transaction was still open
 #      when the worker woke up for another one
+#   8. a session holding an expired reservation's slots does not hold up
+#      the worker: its waits time out, it expires the rest meanwhile, and
+#      the held-up reservation once the session lets go
 #
 # Expiry is proved on the physical counters (market.stock_levels: held, free)
 # and on reservations.status, not on market.available() alone: available()
@@ -511,6 +514,51 @@ sub lag_round
 	diag "reservation committed across the worker's wakeup: lag ${lag}s";
 	cmp_ok($lag, '<', 1.0,
 		'Y came back within 1 s of its expiry (not at the next max_naptime)');
+}
+
+# 8. a session holds the slots of an expired reservation's SKU
+#
+# The worker's batch that waits for those slots gives up after its
+# lock_timeout (100 ms), rolls back and tries again: meanwhile it keeps
+# expiring everything else, stays the same process, and expires the held-up
+# reservation once the session lets go.  A worker that waited for good would
+# not expire B until the session commits.
+# ---------------------------------------------------------------------------
+
+{
+	my $busy = new_sku('tap-8a', 10);
+	my $free = new_sku('tap-8b', 10);
+	my $pid = sql('SELECT pid FROM market.worker_status()');
+	my $bg = $node->background_psql('postgres');
+	is(reserve_many($busy, 1, "interval '3 s'", 'tap8-a'), '1', 'A: 3 s TTL');
+	$bg->query_safe('BEGIN');
+	$bg->query_safe(
+		"SELECT slot FROM market.stock_slots WHERE sku_id = $busy ORDER BY slot FOR UPDATE");
+	ok( wait_until(
+			"SELECT clock_timestamp() > expires_at + interval '500 ms'
+			   FROM market.reservations WHERE owner = 'tap8-a'",
+			10),
+		'A is past its expiry while the session holds its slots');
+	is(reserve_many($free, 1, "interval '1 s'", 'tap8-b'), '1', 'B: 1 s TTL, another SKU');
+	ok( wait_until(
+			"SELECT status = 'expired' FROM market.reservations WHERE owner = 'tap8-b'",
+			10),
+		'B expired while the session still holds A\'s slots');
+	is(sql("SELECT status FROM market.reservations WHERE owner = 'tap8-a'"),
+		'held', 'A is still held: its slots are locked');
+	my $lag = sql(
+		"SELECT round(extract(epoch FROM finished_at - expires_at)::numeric, 3)
+		   FROM market.reservations WHERE owner = 'tap8-b'");
+	cmp_ok($lag, '<', 1.0, "B came back within 1 s of its expiry (${lag}s)");
+	$bg->query_safe('COMMIT');
+	$bg->quit;
+	ok( wait_until(
+			"SELECT status = 'expired' FROM market.reservations WHERE owner = 'tap8-a'",
+			10),
+		'A expired once the session let go');
+	is(sql('SELECT pid FROM market.worker_status()'),
+		$pid, 'the worker timed out its waits without dying (same pid)');
+	audit_is_clean('audit clean after the held-up expiry');
 }
 
 is( sql(
