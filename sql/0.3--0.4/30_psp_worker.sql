@@ -24,8 +24,11 @@
 --     database left at 0.3).
 --
 -- Lock order, in both transactions: attempt rows, then outbox rows, then
--- payment rows, each set in id order, then order rows (in id order, through
--- order_transition), as the per-row 0.3 code did for one row.
+-- payment rows, each set in id order, then order rows (group by group, in
+-- id order within a group), as the per-row 0.3 code did for one row.  The
+-- orders are then moved together by order_transition_many
+-- (50_orders.sql), which locks them again in id order (they are held
+-- already, so it waits for nothing).
 -- ===========================================================================
 
 -- ---------------------------------------------------------------------------
@@ -466,16 +469,19 @@ BEGIN
 		 WHERE x.id = f.payment_id
 		$q$
 		USING v_f;
-		-- the orders of each group that wait for the payment: confirmed
+		-- the orders of each group that wait for the payment: confirmed, all
+		-- in one UPDATE (locked here group by group as before, then moved
+		-- together by order_transition_many)
 		EXECUTE $q$
-		SELECT market.order_transition(o.id, 'confirmed', format('payment authorized at %s', f.psp))
+		SELECT market.order_transition_many(
+				   coalesce(array_agg(o.id ORDER BY f.pos, o.id), '{}'), 'confirmed',
+				   coalesce(array_agg(format('payment authorized at %s', f.psp) ORDER BY f.pos, o.id), '{}'))
 		   FROM jsonb_to_recordset($1) AS f(pos bigint, group_id bigint, psp text)
 		  CROSS JOIN LATERAL (
 				SELECT x.id FROM market.orders x
 				 WHERE x.group_id = f.group_id AND x.status = 'created'
 				 ORDER BY x.id
 				   FOR UPDATE OF x) o
-		  ORDER BY f.pos, o.id
 		$q$
 		USING v_f;
 		-- a reconcile job for every other account left with an unknown outcome
@@ -659,5 +665,24 @@ BEGIN
 		END IF;
 	END LOOP;
 	RETURN v_n;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- psp_orders_to (0.3): the orders of a group that wait for their payment
+-- move on, now in one order_transition_many call (50_orders.sql)
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION market.psp_orders_to(group_id bigint, to_state text, note text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	v_ids bigint[];
+BEGIN
+	SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO v_ids
+	  FROM (SELECT o.id FROM market.orders o
+			 WHERE o.group_id = psp_orders_to.group_id AND o.status = 'created'
+			 ORDER BY o.id FOR UPDATE OF o) x;
+	PERFORM market.order_transition_many(v_ids, psp_orders_to.to_state,
+		array_fill(psp_orders_to.note, ARRAY[cardinality(v_ids)]));
 END
 $$;
