@@ -925,7 +925,7 @@ check_note(const char *note, int64 order_id, bool many)
 			ereport(ERROR,
 					(errcode(MK_INVALID_ARGUMENT),
 					 errmsg("note too long"),
-					 errdetail("The note of order %lld has %d characters; the limit is %d.",
+					 errdetail("Order %lld: the note has %d characters; the limit is %d.",
 							   (long long) order_id, len, ORDER_NOTE_MAX_CHARS)));
 		ereport(ERROR,
 				(errcode(MK_INVALID_ARGUMENT),
