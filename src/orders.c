@@ -728,8 +728,10 @@ record_events_many(OrderChange *ch, int n)
 
 /*
  * queue_psp_jobs_many writes, for every change whose state has a PSP job,
- * that job for the payment of the order's group (if it has one), with the
- * order's subtotal as the amount; one INSERT, in order id order.
+ * that job for the payment of the order's group (if it has one: at most
+ * one, payments_one_per_group), with the order's subtotal as the amount;
+ * one INSERT, in order id order.  The payment is a LATERAL lookup by
+ * group, so no plan can turn it into a scan of every payment.
  */
 static void
 queue_psp_jobs_many(OrderChange *ch, int n)
@@ -765,8 +767,9 @@ queue_psp_jobs_many(OrderChange *ch, int n)
 				   "                           'amount_minor', c.amount_minor, 'currency', c.currency)"
 				   " FROM unnest($1, $2, $3, $4, $5)"
 				   "      WITH ORDINALITY AS c(event_type, order_id, group_id, amount_minor, currency, ord)"
-				   " JOIN market.payments p ON p.group_id = c.group_id"
-				   " ORDER BY c.ord, p.id",
+				   " CROSS JOIN LATERAL (SELECT x.id FROM market.payments x"
+				   "                      WHERE x.group_id = c.group_id LIMIT 1) p"
+				   " ORDER BY c.ord",
 				   5, types);
 	values[0] = text_array(jobs, k);
 	values[1] = int8_array(ids, k);
