@@ -430,7 +430,10 @@ BEGIN
 		IF consumer IS NOT NULL AND length(consumer) NOT BETWEEN 1 AND 200 THEN
 			RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'MK020';
 		END IF;
-		-- the intermediate calls, then the attempts themselves
+		-- the intermediate calls (only when a result has any: the statement
+		-- costs a plan and a scan of the batch even when it inserts nothing),
+		-- then the attempts themselves
+		IF jsonb_path_exists(v_f, '$[*].r.calls[*]') THEN
 		EXECUTE $q$
 		INSERT INTO market.payment_attempts (payment_id, order_id, outbox_id, psp_account_id, psp,
 			operation, idempotency_key, amount_minor, request, http_status, outcome, decline_code,
@@ -446,6 +449,7 @@ BEGIN
 		 ORDER BY f.pos, c.n
 		$q$
 		USING v_f;
+		END IF;
 		EXECUTE $q$
 		UPDATE market.payment_attempts x
 		   SET outcome = 'succeeded',
@@ -485,6 +489,9 @@ BEGIN
 		$q$
 		USING v_f;
 		-- a reconcile job for every other account left with an unknown outcome
+		-- (the authorizations that have no unknown attempt at all, nearly
+		-- every one, are left out by one probe of payment_attempts_outbox_idx
+		-- before the per-account look at their attempts)
 		EXECUTE $q$
 		INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)
 		SELECT 'psp', 'payment.reconcile', 'psp_reconcile', f.payment_id,
@@ -497,6 +504,8 @@ BEGIN
 				 WHERE a.outbox_id = f.outbox_id AND a.operation = 'authorize'
 				 ORDER BY a.psp_account_id, a.id DESC) l
 		 WHERE l.outcome = 'unknown' AND l.psp_account_id IS DISTINCT FROM f.account_id
+		   AND EXISTS (SELECT FROM market.payment_attempts u
+						WHERE u.outbox_id = f.outbox_id AND u.outcome = 'unknown')
 		 ORDER BY f.pos, l.psp_account_id
 		$q$
 		USING v_f;
