@@ -409,6 +409,105 @@ SELECT from_status, to_status,
 DROP ROLE regress_orders_clerk;
 
 -- ---------------------------------------------------------------------------
+-- order_transition_many: many orders in one UPDATE, a note each; the
+-- history rows and events of one statement are written in order id order
+-- ---------------------------------------------------------------------------
+SELECT pg_temp.place_order('ord-cust-9',
+	format('[{"sku_id": %s, "qty": 1}, {"sku_id": %s, "qty": 1}]', :a, :c)::jsonb) AS g9 \gset
+SELECT pg_temp.place_order('ord-cust-10', format('[{"sku_id": %s, "qty": 2}]', :b)::jsonb) AS g10 \gset
+SELECT pg_temp.order_of(:g9, :s1) AS m1, pg_temp.order_of(:g9, :s2) AS m2,
+       pg_temp.order_of(:g10, :s1) AS m3 \gset
+SELECT :m1 < :m2 AND :m2 < :m3 AS ids_ascending;
+SELECT max(id) AS ev0 FROM market.order_events \gset
+SELECT max(id) AS ob0 FROM market.outbox \gset
+SELECT max(id) AS ledger7 FROM market.stock_ledger \gset
+-- the ids in any order; each note goes with its order
+SELECT market.order_transition_many(ARRAY[:m3, :m1, :m2], 'confirmed',
+	ARRAY['note of m3', 'note of m1', NULL]);
+SELECT id = :m1 AS is_m1, id = :m2 AS is_m2, status FROM market.orders
+ WHERE id IN (:m1, :m2, :m3) ORDER BY id;
+-- history rows: one per order, in order id order, notes matched
+SELECT CASE order_id WHEN :m1 THEN 'm1' WHEN :m2 THEN 'm2' WHEN :m3 THEN 'm3' END AS ord,
+       from_status, to_status, note, actor = session_user AS actor_ok
+  FROM market.order_events WHERE id > :ev0 ORDER BY id;
+-- events: one per order, in order id order, 'at' equal to the history row's
+SELECT CASE x.aggregate_id WHEN :m1 THEN 'm1' WHEN :m2 THEN 'm2' WHEN :m3 THEN 'm3' END AS ord,
+       x.topic, x.event_type, x.payload->>'from' AS "from", x.payload->>'to' AS "to",
+       (x.payload->>'at')::timestamptz = e.at AS at_ok,
+       (x.payload->>'group_id')::bigint = o.group_id AND (x.payload->>'seller_id')::bigint = o.seller_id AS ids_ok
+  FROM market.outbox x
+  JOIN market.orders o ON o.id = x.aggregate_id
+  JOIN market.order_events e ON e.order_id = o.id AND e.id > :ev0
+ WHERE x.id > :ob0 ORDER BY x.id;
+-- without notes: NULL notes; cancel from confirmed puts units back per
+-- order (ledger rows in order id order) and queues each payment's void
+SELECT * FROM pg_temp.stock('ORD-A');
+SELECT * FROM pg_temp.stock('ORD-B');
+SELECT market.order_transition_many(ARRAY[:m3, :m1], 'cancelled');
+SELECT * FROM pg_temp.stock('ORD-A');
+SELECT * FROM pg_temp.stock('ORD-B');
+SELECT * FROM pg_temp.ledger(:ledger7);
+SELECT * FROM pg_temp.history(:m1);
+SELECT * FROM pg_temp.outbox(:m1);
+SELECT * FROM pg_temp.outbox(:m3);
+-- bad input: MK020, nothing done
+SELECT pg_temp.try('SELECT market.order_transition_many(NULL, ''confirmed'')');
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s], NULL)', :m2));
+SELECT pg_temp.try('SELECT market.order_transition_many(''{}'', ''confirmed'')');
+SELECT pg_temp.try('SELECT market.order_transition_many(''{}'', ''confirmed'', ''{}'')');
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, NULL], ''shipped'')', :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, %s], ''shipped'')', :m2, :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s], ''shipped'', ARRAY[''a'', ''b''])', :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s], ''shipped'', ''{}'')', :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[[%s]], ''shipped'')', :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s], ''shipped'', ARRAY[repeat(''n'', 1001)])', :m2));
+SELECT pg_temp.try('SELECT market.order_transition_many(array_fill(1::bigint, ARRAY[10001]), ''shipped'')');
+-- a note of exactly 1000 characters is fine (multibyte counted as one)
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s], ''shipped'', ARRAY[repeat(''é'', 1000)])', :m2));
+SELECT length(note) AS note_chars FROM market.order_events WHERE order_id = :m2 ORDER BY id DESC LIMIT 1;
+-- an unknown order (MK017) or an illegal edge (MK003) stops everything:
+-- no status moved, no history, no event, no units
+SELECT pg_temp.place_order('ord-cust-11',
+	format('[{"sku_id": %s, "qty": 1}, {"sku_id": %s, "qty": 1}]', :a, :c)::jsonb) AS g11 \gset
+SELECT pg_temp.order_of(:g11, :s1) AS m4, pg_temp.order_of(:g11, :s2) AS m5 \gset
+SELECT max(id) AS ev1 FROM market.order_events \gset
+SELECT max(id) AS ob1 FROM market.outbox \gset
+SELECT max(id) AS ledger8 FROM market.stock_ledger \gset
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, -1, %s], ''cancelled'')', :m4, :m5));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, %s, 9223372036854775807], ''cancelled'')', :m4, :m5));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, %s, %s], ''cancelled'', ARRAY[''x'', ''y'', ''z''])', :m4, :m5, :m2));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, %s], ''created'')', :m4, :m5));
+SELECT pg_temp.try(format('SELECT market.order_transition_many(ARRAY[%s, %s], ''teleported'')', :m4, :m5));
+SELECT status, count(*) FROM market.orders WHERE id IN (:m4, :m5) GROUP BY status;
+SELECT (SELECT count(*) FROM market.order_events WHERE id > :ev1) AS history_rows,
+       (SELECT count(*) FROM market.outbox WHERE id > :ob1) AS outbox_rows,
+       (SELECT count(*) FROM market.stock_ledger WHERE id > :ledger8) AS ledger_rows;
+-- the notes of a failed call do not leak into a later direct UPDATE
+UPDATE market.orders SET status = 'cancelled' WHERE id = :m4;
+SELECT * FROM pg_temp.history(:m4);
+-- a direct UPDATE of several orders: one history row and event per real
+-- status change, in order id order; a row whose status stays gets none
+SELECT max(id) AS ev2 FROM market.order_events \gset
+SELECT max(id) AS ob2 FROM market.outbox \gset
+UPDATE market.orders SET status = CASE id WHEN :m5 THEN 'confirmed' ELSE status END
+ WHERE id IN (:m5, :m4, :m2);
+SELECT CASE order_id WHEN :m5 THEN 'm5' ELSE 'other' END AS ord, from_status, to_status, note
+  FROM market.order_events WHERE id > :ev2 ORDER BY id;
+SELECT count(*) AS events FROM market.outbox WHERE id > :ob2 AND topic = 'events';
+-- nested in a transaction: a later order_transition gets its own note
+BEGIN;
+SELECT market.order_transition_many(ARRAY[:m5], 'shipped', ARRAY['many']);
+SELECT market.order_transition(:m5, 'delivered', 'single');
+COMMIT;
+SELECT * FROM pg_temp.history(:m5);
+-- market_app may not call it
+CREATE ROLE regress_orders_clerk2 NOLOGIN IN ROLE market_app;
+SET SESSION AUTHORIZATION regress_orders_clerk2;
+SELECT market.order_transition_many(ARRAY[:m5], 'returned');                -- 42501
+RESET SESSION AUTHORIZATION;
+DROP ROLE regress_orders_clerk2;
+
+-- ---------------------------------------------------------------------------
 -- after all of it the inventory is consistent
 -- ---------------------------------------------------------------------------
 SELECT * FROM market.verify_inventory();

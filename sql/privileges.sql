@@ -42,6 +42,7 @@ SELECT market.stock_adjust(:a, :w1, 1, 'app');                              -- 4
 SELECT market.expire_reservations();                                        -- 42501
 SELECT market.verify_inventory();                                           -- 42501
 SELECT market.worker_status();                                              -- 42501
+SELECT market.order_transition_many(ARRAY[-1]::bigint[], 'cancelled');      -- 42501 (admin only)
 -- no table or view, not even for reading
 SELECT count(*) FROM market.sellers;                                        -- 42501
 SELECT count(*) FROM market.skus;                                           -- 42501
@@ -90,6 +91,8 @@ SELECT market.warehouse_create('prv-admin', 'Admin W') AS admin_wh \gset
 SELECT market.stock_set(:admin_sku, :admin_wh, 5) AS on_hand;
 SELECT market.stock_adjust(:admin_sku, :admin_wh, 1, 'admin count') AS on_hand;
 SELECT market.available(:admin_sku) AS avail;
+-- the admin may move orders in bulk: an unknown one is MK017, not 42501
+SELECT market.order_transition_many(ARRAY[-1]::bigint[], 'cancelled');      -- MK017
 SELECT market.reserve(format('[{"sku_id": %s, "qty": 1}]', :admin_sku)::jsonb) AS r3 \gset
 SELECT market.reservation_extend(:'r3', '5 min') > now() AS extended;
 SELECT market.reservation_commit(:'r3') AS units_sold;
@@ -153,6 +156,7 @@ SELECT market.expire_reservations();                                        -- 4
 SELECT market.verify_inventory();                                           -- 42501
 SELECT market.worker_status();                                              -- 42501
 SELECT market.order_transition(1, 'cancelled');                             -- 42501
+SELECT market.order_transition_many(ARRAY[1]::bigint[], 'cancelled');       -- 42501
 SELECT market.order_view(1);                                                -- 42501
 SELECT market.order_transitions();                                          -- 42501
 SELECT count(*) FROM market.skus;                                           -- 42501

@@ -24,8 +24,11 @@
 --     database left at 0.3).
 --
 -- Lock order, in both transactions: attempt rows, then outbox rows, then
--- payment rows, each set in id order, then order rows (in id order, through
--- order_transition), as the per-row 0.3 code did for one row.
+-- payment rows, each set in id order, then order rows (group by group, in
+-- id order within a group), as the per-row 0.3 code did for one row.  The
+-- orders are then moved together by order_transition_many
+-- (50_orders.sql), which locks them again in id order (they are held
+-- already, so it waits for nothing).
 -- ===========================================================================
 
 -- ---------------------------------------------------------------------------
@@ -427,7 +430,10 @@ BEGIN
 		IF consumer IS NOT NULL AND length(consumer) NOT BETWEEN 1 AND 200 THEN
 			RAISE EXCEPTION 'consumer must be 1 to 200 characters' USING ERRCODE = 'MK020';
 		END IF;
-		-- the intermediate calls, then the attempts themselves
+		-- the intermediate calls (only when a result has any: the statement
+		-- costs a plan and a scan of the batch even when it inserts nothing),
+		-- then the attempts themselves
+		IF jsonb_path_exists(v_f, '$[*].r.calls[*]') THEN
 		EXECUTE $q$
 		INSERT INTO market.payment_attempts (payment_id, order_id, outbox_id, psp_account_id, psp,
 			operation, idempotency_key, amount_minor, request, http_status, outcome, decline_code,
@@ -443,6 +449,7 @@ BEGIN
 		 ORDER BY f.pos, c.n
 		$q$
 		USING v_f;
+		END IF;
 		EXECUTE $q$
 		UPDATE market.payment_attempts x
 		   SET outcome = 'succeeded',
@@ -466,19 +473,25 @@ BEGIN
 		 WHERE x.id = f.payment_id
 		$q$
 		USING v_f;
-		-- the orders of each group that wait for the payment: confirmed
+		-- the orders of each group that wait for the payment: confirmed, all
+		-- in one UPDATE (locked here group by group as before, then moved
+		-- together by order_transition_many)
 		EXECUTE $q$
-		SELECT market.order_transition(o.id, 'confirmed', format('payment authorized at %s', f.psp))
+		SELECT market.order_transition_many(
+				   coalesce(array_agg(o.id ORDER BY f.pos, o.id), '{}'), 'confirmed',
+				   coalesce(array_agg(format('payment authorized at %s', f.psp) ORDER BY f.pos, o.id), '{}'))
 		   FROM jsonb_to_recordset($1) AS f(pos bigint, group_id bigint, psp text)
 		  CROSS JOIN LATERAL (
 				SELECT x.id FROM market.orders x
 				 WHERE x.group_id = f.group_id AND x.status = 'created'
 				 ORDER BY x.id
 				   FOR UPDATE OF x) o
-		  ORDER BY f.pos, o.id
 		$q$
 		USING v_f;
 		-- a reconcile job for every other account left with an unknown outcome
+		-- (the authorizations that have no unknown attempt at all, nearly
+		-- every one, are left out by one probe of payment_attempts_outbox_idx
+		-- before the per-account look at their attempts)
 		EXECUTE $q$
 		INSERT INTO market.outbox (topic, event_type, aggregate_type, aggregate_id, payload)
 		SELECT 'psp', 'payment.reconcile', 'psp_reconcile', f.payment_id,
@@ -491,6 +504,8 @@ BEGIN
 				 WHERE a.outbox_id = f.outbox_id AND a.operation = 'authorize'
 				 ORDER BY a.psp_account_id, a.id DESC) l
 		 WHERE l.outcome = 'unknown' AND l.psp_account_id IS DISTINCT FROM f.account_id
+		   AND EXISTS (SELECT FROM market.payment_attempts u
+						WHERE u.outbox_id = f.outbox_id AND u.outcome = 'unknown')
 		 ORDER BY f.pos, l.psp_account_id
 		$q$
 		USING v_f;
@@ -659,5 +674,24 @@ BEGIN
 		END IF;
 	END LOOP;
 	RETURN v_n;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- psp_orders_to (0.3): the orders of a group that wait for their payment
+-- move on, now in one order_transition_many call (50_orders.sql)
+-- ---------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION market.psp_orders_to(group_id bigint, to_state text, note text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	v_ids bigint[];
+BEGIN
+	SELECT coalesce(array_agg(x.id ORDER BY x.id), '{}') INTO v_ids
+	  FROM (SELECT o.id FROM market.orders o
+			 WHERE o.group_id = psp_orders_to.group_id AND o.status = 'created'
+			 ORDER BY o.id FOR UPDATE OF o) x;
+	PERFORM market.order_transition_many(v_ids, psp_orders_to.to_state,
+		array_fill(psp_orders_to.note, ARRAY[cardinality(v_ids)]));
 END
 $$;

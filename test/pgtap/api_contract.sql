@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(382);
+SELECT plan(390);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -87,8 +87,8 @@ SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_append_only', 'market'
 SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_no_truncate', 'market', 'ledger_append_only');
 -- the order state machine is enforced on the table
 SELECT trigger_is('market', 'orders', 'orders_guard', 'market', 'order_guard');
-SELECT trigger_is('market', 'orders', 'orders_created', 'market', 'order_effects');
-SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effects');
+SELECT trigger_is('market', 'orders', 'orders_created', 'market', 'order_effects_set');
+SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effects_set');
 
 -- ---------------------------------------------------------------------------
 -- functions: exactly these, with the documented signatures
@@ -96,7 +96,8 @@ SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effe
 SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_create', 'warehouse_create',
 	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
 	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
-	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects',
+	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects_set',
+	'order_transition_many',
 	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
 	'outbox_notifier', 'outbox_wake', 'batch_status',
 	'cart_create', 'cart_set_item', 'cart_view', 'checkout_begin', 'checkout_complete', 'buy_now',
@@ -158,6 +159,7 @@ SELECT has_function('market', 'batch_status', '{}'::name[]);
 SELECT has_function('market', 'verify_inventory', '{}'::name[]);
 SELECT has_function('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
 SELECT has_function('market', 'order_transitions', '{}'::name[]);
+SELECT has_function('market', 'order_transition_many', ARRAY['bigint[]', 'text', 'text[]']);
 SELECT has_function('market', 'order_view', ARRAY['bigint']);
 
 -- the outbox (docs/outbox.md)
@@ -196,6 +198,7 @@ SELECT function_returns('market', 'batch_status', '{}'::name[], 'record');
 SELECT function_returns('market', 'verify_inventory', '{}'::name[], 'setof record');
 SELECT function_returns('market', 'order_transition', ARRAY['bigint', 'text', 'text'], 'text');
 SELECT function_returns('market', 'order_transitions', '{}'::name[], 'setof record');
+SELECT function_returns('market', 'order_transition_many', ARRAY['bigint[]', 'text', 'text[]'], 'integer');
 SELECT function_returns('market', 'order_view', ARRAY['bigint'], 'jsonb');
 
 SELECT function_returns('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], 'setof market.outbox_message');
@@ -249,6 +252,8 @@ SELECT is(pg_get_function_result('market.verify_inventory()'::regprocedure),
 	'TABLE(invariant text, sku_id bigint, warehouse_id integer, detail text)', 'verify_inventory result columns');
 SELECT is(pg_get_function_arguments('market.order_transition(bigint, text, text)'::regprocedure),
 	'order_id bigint, to_state text, note text DEFAULT NULL::text', 'order_transition arguments');
+SELECT is(pg_get_function_arguments('market.order_transition_many(bigint[], text, text[])'::regprocedure),
+	'order_ids bigint[], to_state text, notes text[] DEFAULT NULL::text[]', 'order_transition_many arguments');
 SELECT is(pg_get_function_arguments('market.order_view(bigint)'::regprocedure),
 	'order_id bigint', 'order_view arguments');
 SELECT is(pg_get_function_result('market.order_transitions()'::regprocedure),
@@ -319,7 +324,8 @@ SELECT is_definer('market', 'order_transitions', '{}'::name[]);
 SELECT is_definer('market', 'order_view', ARRAY['bigint']);
 -- the order triggers write history, outbox and stock whoever fires them
 SELECT is_definer('market', 'order_guard', '{}'::name[]);
-SELECT is_definer('market', 'order_effects', '{}'::name[]);
+SELECT is_definer('market', 'order_effects_set', '{}'::name[]);
+SELECT is_definer('market', 'order_transition_many', ARRAY['bigint[]', 'text', 'text[]']);
 SELECT is_definer('market', 'outbox_claim', ARRAY['text', 'integer', 'text', 'interval']);
 SELECT is_definer('market', 'outbox_ack', ARRAY['bigint[]', 'text']);
 SELECT is_definer('market', 'outbox_fail', ARRAY['bigint', 'text', 'text', 'interval']);
@@ -563,6 +569,14 @@ SELECT throws_ok(format('SELECT market.order_transition(%s, ''shipped'')', :tap_
 	'MK003', NULL, 'order_transition: created -> shipped raises MK003');
 SELECT throws_ok('SELECT market.order_transition(-1, ''confirmed'')',
 	'MK017', NULL, 'order_transition: unknown order raises MK017');
+SELECT throws_ok(format('SELECT market.order_transition_many(ARRAY[%s, -1], ''cancelled'')', :tap_order),
+	'MK017', NULL, 'order_transition_many: an unknown order raises MK017');
+SELECT throws_ok(format('SELECT market.order_transition_many(ARRAY[%s], ''shipped'')', :tap_order),
+	'MK003', NULL, 'order_transition_many: created -> shipped raises MK003');
+SELECT throws_ok('SELECT market.order_transition_many(NULL, ''confirmed'')',
+	'MK020', NULL, 'order_transition_many: NULL order_ids raises MK020');
+SELECT throws_ok(format('SELECT market.order_transition_many(ARRAY[%s], ''cancelled'', ARRAY[''a'', ''b''])', :tap_order),
+	'MK020', NULL, 'order_transition_many: notes of another length raise MK020');
 SELECT throws_ok('SELECT market.order_view(-1)', 'MK017', NULL, 'order_view: unknown order raises MK017');
 SELECT throws_ok('SELECT market.order_transition(NULL, ''confirmed'')',
 	'MK020', NULL, 'order_transition: NULL order_id raises MK020');

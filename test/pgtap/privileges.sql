@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(380);
+SELECT plan(385);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -102,7 +102,8 @@ INSERT INTO fn VALUES
 	('order_transitions', '{}', true, true),
 	('order_view', ARRAY['bigint'], true, true),
 	('order_guard', '{}', false, false),
-	('order_effects', '{}', false, false),
+	('order_effects_set', '{}', false, false),
+	('order_transition_many', ARRAY['bigint[]', 'text', 'text[]'], false, true),
 	('outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], true, true),
 	('outbox_ack', ARRAY['bigint[]', 'text'], true, true),
 	('outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], true, true),
@@ -259,7 +260,9 @@ SELECT throws_ok('TRUNCATE market.stock', '42501', NULL, 'market_admin: TRUNCATE
 SELECT throws_ok(format('INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind) VALUES (%s, %s, 1, ''adjust'')', :sku, :wh),
 	'42501', NULL, 'market_admin: writing the ledger directly is denied');
 SELECT is(market.order_transition(:ord, 'shipped'), 'shipped', 'market_admin: order_transition');
-SELECT is((SELECT count(*)::int FROM market.order_events WHERE order_id = :ord), 3, 'market_admin: reads order_events');
+SELECT is(market.order_transition_many(ARRAY[:ord]::bigint[], 'delivered', ARRAY['admin']),
+	1, 'market_admin: order_transition_many');
+SELECT is((SELECT count(*)::int FROM market.order_events WHERE order_id = :ord), 4, 'market_admin: reads order_events');
 SELECT throws_ok(format('UPDATE market.orders SET status = ''delivered'' WHERE id = %s', :ord), '42501', NULL,
 	'market_admin: UPDATE of an order is denied');
 SELECT is(market.idempotency_purge(), 0::bigint, 'market_admin: idempotency_purge');
