@@ -65,33 +65,6 @@ typedef struct SlotSet
 #define MARKET_PAIR_LOCK_MARKER	0x4D4B
 #define MARKET_SLOT_LOCK_BIT	0x8000
 
-/*
- * market_prepare returns the saved plan in *cache, preparing and keeping it
- * on first use.  Plans live for the backend's lifetime.  They are generic
- * plans: every statement prepared here looks rows up by key, so a plan made
- * for the actual parameter values would be the same plan, but the plan cache
- * would keep making it anew on every call whenever its estimate for the
- * generic plan comes out higher (it does for "= ANY ($1)" and unnest($1),
- * whose array length it cannot know), which cost a batched checkout a
- * seventh of its time.
- */
-SPIPlanPtr
-market_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
-
-		if (plan == NULL)
-			elog(ERROR, "market: SPI_prepare failed for \"%s\": %s",
-				 sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "market: SPI_keepplan failed");
-		*cache = plan;
-	}
-	return *cache;
-}
-
 /* run_plan executes a saved plan and fails loudly on an SPI error. */
 static int
 run_plan(SPIPlanPtr plan, Datum *values, int expect, long limit)

@@ -133,9 +133,13 @@ extern void market_register_static_worker(const char *function_name, const char 
 extern void market_register_static_worker_arg(const char *function_name, const char *name,
 											  Datum main_arg);
 
-/* src/inventory.c: the slot engine; callers are inside SPI_connect */
+/* src/plans.c: saved plans, re-planned as the tables grow */
 extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,
 								 int nargs, Oid *argtypes);
+extern void market_replan_if_grown(void);
+extern uint64 market_plan_resets(void);
+
+/* src/inventory.c: the slot engine; callers are inside SPI_connect */
 extern void market_take_line(const ReserveLine *line, TakeList *takes);
 extern void market_lock_all_slots(int64 sku_id, int32 warehouse_id);
 extern void market_lock_slot_guards(int64 sku_id, int32 warehouse_id, int32 nslots);

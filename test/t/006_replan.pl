@@ -1,0 +1,134 @@
+
+# Copyright: the market project.
+#
+# Cached plans follow the tables' growth (src/plans.c).  The batch worker
+# is a long-lived process: the plans it makes while market.orders is empty
+# (its own statements and the foreign-key checks PostgreSQL runs for every
+# row it inserts) are sequential scans, and before 0.5 it kept them however
+# large the tables grew, so every checkout got slower than the last.
+#
+# Proves, with auto_explain logging every nested statement's plan and
+# autovacuum off (so that no ANALYZE invalidates anything for us):
+#   1. on an empty shop, the worker's foreign-key checks of order lines
+#      against market.orders and of orders against market.order_groups are
+#      sequential scans (the situation is real);
+#   2. once those tables have grown past twice their size (thousands of
+#      direct checkouts from another session), the worker's next checkouts
+#      run those checks as index scans of orders_pkey and order_groups_pkey;
+#   3. every checkout of the worker still succeeded and the audit is clean.
+#
+# Run it with test/tools/run-tap.sh (as the postgres OS user when root).
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+my $node = PostgreSQL::Test::Cluster->new('market_replan');
+$node->init;
+$node->append_conf(
+	'postgresql.conf', q{
+shared_preload_libraries = 'market,auto_explain'
+market.database = 'postgres'
+market.psp_worker = off
+market.batch_workers = 1
+autovacuum = off
+auto_explain.log_min_duration = 0
+auto_explain.log_nested_statements = on
+log_line_prefix = '%m [%p] '
+});
+$node->start;
+
+$node->safe_psql(
+	'postgres', q{
+CREATE EXTENSION market;
+SELECT market.seller_create('s1');
+SELECT market.product_create(1, 'p1');
+SELECT market.warehouse_create('w', 'w');
+SELECT market.sku_create(1, 'A', 100, 'EUR');
+SELECT market.stock_set(1, 1, 1000000);
+VACUUM ANALYZE;
+});
+$node->poll_query_until('postgres', 'SELECT running FROM market.batch_status()')
+  or die 'batch worker not ready';
+
+my $worker_pid = $node->safe_psql('postgres',
+	q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'market batch worker'});
+like($worker_pid, qr/^\d+$/, 'the batch worker runs');
+
+# one batched checkout; returns the order group
+sub batched_buy
+{
+	my ($key) = @_;
+	local $ENV{PGOPTIONS} = '-c market.batch_checkout=on';
+	my $out = $node->safe_psql('postgres',
+		qq{SELECT market.buy_now('c1', '[{"sku_id": 1, "qty": 1}]', '$key', '{}', 'EUR')->>'order_group'});
+	return $out;
+}
+
+# the plans the worker logged for the foreign-key check against market.$table,
+# from log offset $from on: how many sequential and index scans
+sub worker_fk_plans
+{
+	my ($table, $from) = @_;
+	my $log = slurp_file($node->logfile, $from);
+	my ($seq, $idx) = (0, 0);
+	# one auto_explain entry: a LOG line with the pid, up to the next entry
+	for my $entry (split /(?=^\S+ \S+ \S+ \[\d+\] )/m, $log)
+	{
+		next unless $entry =~ /^\S+ \S+ \S+ \[$worker_pid\] LOG:  duration/;
+		next unless $entry =~ /Query Text: SELECT 1 FROM ONLY "market"\."$table" x/;
+		$seq++ if $entry =~ /Seq Scan on $table x/;
+		$idx++ if $entry =~ /Index (Only )?Scan using ${table}_pkey on $table x/;
+	}
+	return ($seq, $idx);
+}
+
+# 1. an empty shop: sequential scans
+my $offset = -s $node->logfile;
+for my $n (1 .. 8)
+{
+	like(batched_buy("early-$n"), qr/^\d+$/, "batched checkout $n on the empty shop");
+}
+my ($seq, $idx) = worker_fk_plans('orders', $offset);
+ok($seq > 0, "with orders empty the worker checks order lines by a sequential scan ($seq)");
+($seq, $idx) = worker_fk_plans('order_groups', $offset);
+ok($seq > 0, "and orders against their group by a sequential scan of order_groups ($seq)");
+
+# 2. the tables grow through another session (the direct path)
+$node->safe_psql(
+	'postgres', q{
+SET market.batch_checkout = off;
+SET auto_explain.log_min_duration = -1;
+SELECT count(market.buy_now('bulk', '[{"sku_id": 1, "qty": 1}]', 'bulk-' || g, '{}', 'EUR'))
+  FROM generate_series(1, 3000) AS g;
+});
+my $blocks = $node->safe_psql('postgres',
+	q{SELECT pg_relation_size('market.orders') / current_setting('block_size')::int});
+cmp_ok($blocks, '>=', 16, "market.orders has grown to $blocks blocks");
+
+# the worker looks at the sizes at most once a second
+sleep 2;
+$offset = -s $node->logfile;
+for my $n (1 .. 8)
+{
+	like(batched_buy("late-$n"), qr/^\d+$/, "batched checkout $n on the grown shop");
+}
+for my $table ('orders', 'order_groups')
+{
+	($seq, $idx) = worker_fk_plans($table, $offset);
+	is($seq, 0, "after the growth the worker no longer scans $table sequentially");
+	ok($idx > 0, "after the growth its foreign-key checks use ${table}_pkey ($idx)");
+}
+
+# 3. nothing lost
+is($node->safe_psql('postgres', q{SELECT count(*) FROM market.order_groups}),
+	'3016', 'every checkout made its order group');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM market.verify_inventory()}),
+	'0', 'audit clean');
+
+$node->stop;
+done_testing();
