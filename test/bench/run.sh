@@ -50,6 +50,11 @@
 #   BENCH_SELLERS       sellers the SKUs are spread over (8)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
 #   BENCH_THREADS       pgbench -j (2)
+#   BENCH_PROTOCOL      pgbench -M: simple (default; every call parsed and planned
+#                       anew) or prepared (what an application server's driver
+#                       with prepared statements does); the checkout scenario
+#                       always runs simple (its \gset variables inside quoted
+#                       literals do not work as prepared-statement parameters)
 #   BENCH_PORT          port of the throwaway cluster (55432)
 #   BENCH_SYNC_COMMIT   synchronous_commit of the cluster (on; "off" shows
 #                       what is left when the disk flush is not waited for)
@@ -78,13 +83,18 @@ BENCH_PSP_JOBS=${BENCH_PSP_JOBS:-20000}
 BENCH_PSP_BIN=${BENCH_PSP_BIN:-$repo/test/psp/market-test-psp}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
+BENCH_PROTOCOL=${BENCH_PROTOCOL:-simple}
+case $BENCH_PROTOCOL in
+simple | prepared) ;;
+*) echo "bench: BENCH_PROTOCOL must be simple or prepared, not '$BENCH_PROTOCOL'" >&2; exit 2 ;;
+esac
 BENCH_PORT=${BENCH_PORT:-55432}
 BENCH_SYNC_COMMIT=${BENCH_SYNC_COMMIT:-on}
 BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
 BENCH_USER=${BENCH_USER:-postgres}
 PG_CONFIG=${PG_CONFIG:-pg_config}
 export BENCH_PSP_JOBS BENCH_PSP_BIN BENCH_PG_CONF BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
-	BENCH_ZIPF_S BENCH_THREADS BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
+	BENCH_ZIPF_S BENCH_THREADS BENCH_PROTOCOL BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
 
 bindir=$("$PG_CONFIG" --bindir)
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
@@ -325,12 +335,13 @@ run_point() {
 	local threads=$BENCH_THREADS
 	[ "$clients" -lt "$threads" ] && threads=$clients
 	echo "bench: $name: pgbench -c $clients -j $threads -T $BENCH_SECONDS"
-	local rc=0 options=""
+	local rc=0 options="" protocol=$BENCH_PROTOCOL
+	[ "$scenario" = checkout ] && protocol=simple
 	case $scenario in
 	batch | zipfbatch) options="-c market.batch_reserve=on" ;;
 	buynowbatch) options="-c market.batch_checkout=on" ;;
 	esac
-	PGOPTIONS="$options" "$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" \
+	PGOPTIONS="$options" "$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" -M "$protocol" \
 		-c "$clients" -j "$threads" -T "$BENCH_SECONDS" \
 		-l --log-prefix="$dir/log" \
 		-D sku="$base" -D flash="$((base + 1))" -D base="$base" -D nskus="$BENCH_SKUS" \
@@ -515,7 +526,7 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	echo "- machine: $ncpu CPUs ($cpu), $mem RAM"
 	echo "- market.so sha256 $(sha256sum "$pkglibdir/market.so" | cut -c1-12)"
 	echo "- disk: fdatasync of one 8 kB write ${fsync_rate:-?} ops/s (pg_test_fsync)"
-	echo "- $pgver; market at $BENCH_REV; pgbench -j $BENCH_THREADS, $BENCH_SECONDS s per point, simple protocol"
+	echo "- $pgver; market at $BENCH_REV; pgbench -j $BENCH_THREADS, $BENCH_SECONDS s per point, $BENCH_PROTOCOL protocol"
 	echo "- server: synchronous_commit = $BENCH_SYNC_COMMIT, fsync = on, shared_buffers = 1GB, max_connections = 400,"
 	echo "  shared_preload_libraries = 'market,pg_cron', market.stock_slots = ${slots:-default}, expiry worker running: ${expiry:-?}"
 	echo "- successful/s: successes counted in the database / run time measured by pgbench"

@@ -4,7 +4,7 @@
 # Cached plans follow the tables' growth (src/plans.c).  The batch worker
 # is a long-lived process: the plans it makes while market.orders is empty
 # (its own statements and the foreign-key checks PostgreSQL runs for every
-# row it inserts) are sequential scans, and before 0.5 it kept them however
+# row it inserts) are sequential scans, and it used to keep them however
 # large the tables grew, so every checkout got slower than the last.
 #
 # Proves, with auto_explain logging every nested statement's plan and
