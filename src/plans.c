@@ -10,8 +10,8 @@
  * planned while market.orders or market.idempotency_keys were nearly
  * empty (a new shop, or the first minute of a benchmark) kept sequential
  * scans for key lookups as the tables grew, so every checkout got slower
- * than the one before: the batch worker fell from 620 to 180 checkouts/s
- * in 30 s on a fresh database.  The worst were not our own statements but
+ * than the one before: the batch workers fell from 624 to 182 checkouts/s
+ * within 30 s on a fresh database (docs/benchmarks.md).  The worst were not our own statements but
  * the foreign-key checks PostgreSQL runs for every inserted row ("SELECT 1
  * FROM ONLY market.orders x WHERE id = $1 FOR KEY SHARE"), whose plans
  * live in the same plan cache.  Autovacuum's ANALYZE would invalidate
@@ -26,8 +26,9 @@
  * the sizes of now.  Growth by doubling bounds the resets to a few dozen
  * over a table's life.
  *
- * Locking: the sizes are read under AccessShareLock on each table, which
- * the transaction's own statements take anyway; the state is private to
+ * Locking: each table's size is read under AccessShareLock, released at
+ * once (as pg_relation_size does), so that no lock on a table the
+ * transaction does not use is kept to its end; the state is private to
  * the process.
  *
  *-------------------------------------------------------------------------
@@ -84,7 +85,7 @@ table_blocks(Oid nsp, const char *name)
 	if (rel == NULL)
 		return InvalidBlockNumber;
 	blocks = RelationGetNumberOfBlocks(rel);
-	relation_close(rel, NoLock);
+	relation_close(rel, AccessShareLock);
 	return blocks;
 }
 
@@ -131,13 +132,6 @@ market_replan_if_grown(void)
 		if (grown || !sizes_known || sizes[i] < sizes_at_reset[i] / 2)
 			sizes_at_reset[i] = sizes[i];
 	sizes_known = true;
-}
-
-/* market_plan_resets says how often this process has reset its plans. */
-uint64
-market_plan_resets(void)
-{
-	return plan_resets;
 }
 
 /*
