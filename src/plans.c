@@ -26,10 +26,11 @@
  * the sizes of now.  Growth by doubling bounds the resets to a few dozen
  * over a table's life.
  *
- * Locking: each table's size is read under AccessShareLock, released at
- * once (as pg_relation_size does), so that no lock on a table the
- * transaction does not use is kept to its end; the state is private to
- * the process.
+ * Locking: each table's size is read under AccessShareLock, taken only
+ * if it is free at once (a table being altered or VACUUM FULLed is left
+ * for the next look) and released at once (as pg_relation_size does), so
+ * that no lock on a table the transaction does not use is waited for or
+ * kept to its end; the state is private to the process.
  *
  *-------------------------------------------------------------------------
  */
@@ -70,22 +71,26 @@ static uint64 plan_resets = 0;
 
 /*
  * table_blocks returns the size in blocks of market.<name>, or
- * InvalidBlockNumber if there is no such table.
+ * InvalidBlockNumber if there is no such table or its lock is not free
+ * right now: a checkout must not queue behind an administrator's VACUUM
+ * FULL or ALTER TABLE of a table it does not even use.
  */
 static BlockNumber
 table_blocks(Oid nsp, const char *name)
 {
 	Oid			relid = get_relname_relid(name, nsp);
 	Relation	rel;
-	BlockNumber blocks;
+	BlockNumber blocks = InvalidBlockNumber;
 
-	if (!OidIsValid(relid))
+	if (!OidIsValid(relid) || !ConditionalLockRelationOid(relid, AccessShareLock))
 		return InvalidBlockNumber;
-	rel = try_relation_open(relid, AccessShareLock);
-	if (rel == NULL)
-		return InvalidBlockNumber;
-	blocks = RelationGetNumberOfBlocks(rel);
-	relation_close(rel, AccessShareLock);
+	rel = try_relation_open(relid, NoLock);
+	if (rel != NULL)
+	{
+		blocks = RelationGetNumberOfBlocks(rel);
+		relation_close(rel, NoLock);
+	}
+	UnlockRelationOid(relid, AccessShareLock);
 	return blocks;
 }
 
@@ -93,7 +98,8 @@ table_blocks(Oid nsp, const char *name)
  * market_replan_if_grown resets this process's plan cache when a table of
  * the market schema has doubled in size since the plans were last reset
  * (see the file header).  Cheap when called often: it looks at most once
- * a second.  Must run inside a transaction.
+ * a second.  A table whose size cannot be read now is left for the next
+ * look.  Must run inside a transaction.
  */
 void
 market_replan_if_grown(void)
@@ -113,9 +119,7 @@ market_replan_if_grown(void)
 	for (int i = 0; i < (int) NUM_GROWING_TABLES; i++)
 	{
 		sizes[i] = table_blocks(nsp, growing_tables[i]);
-		if (sizes[i] == InvalidBlockNumber)
-			sizes[i] = 0;
-		if (sizes_known && sizes[i] >= REPLAN_MIN_BLOCKS &&
+		if (sizes_known && sizes[i] != InvalidBlockNumber && sizes[i] >= REPLAN_MIN_BLOCKS &&
 			sizes[i] >= 2 * (uint64) Max(sizes_at_reset[i], 1))
 			grown = true;
 	}
@@ -127,10 +131,18 @@ market_replan_if_grown(void)
 		elog(DEBUG1, "market: tables have grown, cached plans will be made again (reset %llu)",
 			 (unsigned long long) plan_resets);
 	}
-	/* a table that shrank (purge, truncate) lowers its mark, so growth counts again */
 	for (int i = 0; i < (int) NUM_GROWING_TABLES; i++)
+	{
+		if (sizes[i] == InvalidBlockNumber)
+		{
+			if (!sizes_known)
+				sizes_at_reset[i] = 0;
+			continue;
+		}
+		/* a table that shrank (purge, truncate) lowers its mark, so growth counts again */
 		if (grown || !sizes_known || sizes[i] < sizes_at_reset[i] / 2)
 			sizes_at_reset[i] = sizes[i];
+	}
 	sizes_known = true;
 }
 
