@@ -136,7 +136,6 @@ extern void market_register_static_worker_arg(const char *function_name, const c
 /* src/plans.c: saved plans, re-planned as the tables grow */
 extern SPIPlanPtr market_prepare(SPIPlanPtr *cache, const char *sql,
 								 int nargs, Oid *argtypes);
-extern void market_replan_if_grown(void);
 
 /* src/inventory.c: the slot engine; callers are inside SPI_connect */
 extern void market_take_line(const ReserveLine *line, TakeList *takes);

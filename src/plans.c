@@ -3,7 +3,7 @@
  * plans.c
  *	  The saved SPI plans of the extension (market_prepare) and keeping
  *	  them, and every other cached plan of the process, fit for the size
- *	  the tables have grown to (market_replan_if_grown).
+ *	  the tables have grown to (replan_if_grown).
  *
  * Why: a cached generic plan is made once, for the table sizes of that
  * moment, and is kept until something invalidates it.  A process that
@@ -95,14 +95,14 @@ table_blocks(Oid nsp, const char *name)
 }
 
 /*
- * market_replan_if_grown resets this process's plan cache when a table of
+ * replan_if_grown resets this process's plan cache when a table of
  * the market schema has doubled in size since the plans were last reset
  * (see the file header).  Cheap when called often: it looks at most once
  * a second.  A table whose size cannot be read now is left for the next
  * look.  Must run inside a transaction.
  */
-void
-market_replan_if_grown(void)
+static void
+replan_if_grown(void)
 {
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	Oid			nsp;
@@ -154,13 +154,13 @@ market_replan_if_grown(void)
  * would keep making it anew on every call whenever its estimate for the
  * generic plan comes out higher (it does for "= ANY ($1)" and unnest($1),
  * whose array length it cannot know), which cost a batched checkout a
- * seventh of its time.  Before it returns, market_replan_if_grown may mark
+ * seventh of its time.  Before it returns, replan_if_grown may mark
  * every cached plan for re-planning, this one included.
  */
 SPIPlanPtr
 market_prepare(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 {
-	market_replan_if_grown();
+	replan_if_grown();
 	if (*cache == NULL)
 	{
 		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
