@@ -1042,18 +1042,31 @@ queue_length(void)
 	return n;
 }
 
-/* take_queued pops up to max queued backends off the ring. */
+/*
+ * take_queued pops up to max queued backends off the ring, stopping before
+ * the (BATCH_MAX_SUBXACTS + 1)th checkout: one worker takes at most one
+ * transaction's worth of checkouts at a time and leaves the rest of the
+ * queue to the other workers, instead of applying four chunks in a row
+ * while they sit idle.  *left is what stays queued.
+ */
 static int
-take_queued(int *procnos, int max)
+take_queued(int *procnos, int max, int *left)
 {
-	int			n;
+	int			n = 0;
+	int			checkouts = 0;
 
 	SpinLockAcquire(&batch->mutex);
-	n = Min(batch->count, max);
-	for (int i = 0; i < n; i++)
-		procnos[i] = batch_ring[(batch->head + i) % batch->capacity];
+	while (n < Min(batch->count, max))
+	{
+		int			procno = batch_ring[(batch->head + n) % batch->capacity];
+
+		if (batch_requests[procno].kind == BK_BUY_NOW && ++checkouts > BATCH_MAX_SUBXACTS)
+			break;
+		procnos[n++] = procno;
+	}
 	batch->head = (batch->head + n) % batch->capacity;
 	batch->count -= n;
+	*left = batch->count;
 	SpinLockRelease(&batch->mutex);
 	return n;
 }
@@ -1087,8 +1100,13 @@ chunk_end(BatchAnswer *answers, int start, int n)
 static int
 run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 {
-	int			queued = take_queued(procnos, market_batch_max);
+	int			left;
+	int			queued = take_queued(procnos, market_batch_max, &left);
 	int			n = 0;
+
+	/* what this worker left queued is for an idle one */
+	if (left > 0)
+		wake_batch_worker();
 
 	for (int i = 0; i < queued; i++)
 	{

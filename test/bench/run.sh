@@ -9,7 +9,8 @@
 #             worker applies the reservations, many per transaction
 #   zipfbatch the zipf scenario with market.batch_reserve = on
 #   buynow    market.buy_now of a cart of 1-5 Zipf-popular SKUs (several sellers),
-#             a fresh idempotency key each time: one call per checkout
+#             a fresh idempotency key each time: one call per checkout, its cart
+#             document built from the statement's parameters (jsonb_build_array)
 #   buynowbatch  the buynow scenario with market.batch_checkout = on: the batch
 #             worker applies the checkouts, up to 64 per transaction
 #   checkout  the same cart through cart_create, cart_set_item per line,
@@ -50,11 +51,16 @@
 #   BENCH_SELLERS       sellers the SKUs are spread over (8)
 #   BENCH_ZIPF_S        Zipf exponent (1.1)
 #   BENCH_THREADS       pgbench -j (2)
-#   BENCH_PROTOCOL      pgbench -M: simple (default; every call parsed and planned
-#                       anew) or prepared (what an application server's driver
-#                       with prepared statements does); the checkout scenario
-#                       always runs simple (its \gset variables inside quoted
-#                       literals do not work as prepared-statement parameters)
+#   BENCH_PROTOCOL      pgbench -M: prepared (default: what an application server's
+#                       driver does, each statement parsed and planned once per
+#                       connection) or simple (every call parsed and planned anew);
+#                       the checkout scenario always runs simple (its \gset variables
+#                       inside quoted literals do not work as parameters)
+#   BENCH_WARMUP        seconds of warm-up per point (5): pgbench runs BENCH_WARMUP +
+#                       BENCH_SECONDS; the rate and the percentiles count only the
+#                       transactions that completed BENCH_WARMUP s or more after the
+#                       point's first one (a new connection's first calls load
+#                       caches and plans: at 256 clients they took the first seconds)
 #   BENCH_PORT          port of the throwaway cluster (55432)
 #   BENCH_SYNC_COMMIT   synchronous_commit of the cluster (on; "off" shows
 #                       what is left when the disk flush is not waited for)
@@ -83,7 +89,8 @@ BENCH_PSP_JOBS=${BENCH_PSP_JOBS:-20000}
 BENCH_PSP_BIN=${BENCH_PSP_BIN:-$repo/test/psp/market-test-psp}
 BENCH_ZIPF_S=${BENCH_ZIPF_S:-1.1}
 BENCH_THREADS=${BENCH_THREADS:-2}
-BENCH_PROTOCOL=${BENCH_PROTOCOL:-simple}
+BENCH_PROTOCOL=${BENCH_PROTOCOL:-prepared}
+BENCH_WARMUP=${BENCH_WARMUP:-5}
 case $BENCH_PROTOCOL in
 simple | prepared) ;;
 *) echo "bench: BENCH_PROTOCOL must be simple or prepared, not '$BENCH_PROTOCOL'" >&2; exit 2 ;;
@@ -94,7 +101,7 @@ BENCH_OUT=${BENCH_OUT:-$repo/test/bench/results/latest.md}
 BENCH_USER=${BENCH_USER:-postgres}
 PG_CONFIG=${PG_CONFIG:-pg_config}
 export BENCH_PSP_JOBS BENCH_PSP_BIN BENCH_PG_CONF BENCH_SECONDS BENCH_CLIENTS BENCH_ZIPF_CLIENTS BENCH_SCENARIOS BENCH_SKUS BENCH_SELLERS \
-	BENCH_ZIPF_S BENCH_THREADS BENCH_PROTOCOL BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
+	BENCH_ZIPF_S BENCH_THREADS BENCH_PROTOCOL BENCH_WARMUP BENCH_PORT BENCH_SYNC_COMMIT BENCH_KEEP PG_CONFIG
 
 bindir=$("$PG_CONFIG" --bindir)
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
@@ -273,13 +280,23 @@ for i in 1 2 3 4 5; do
 \\set r$i random_zipfian(1, :nskus, $BENCH_ZIPF_S)
 \\set s$i :base + :r$i - 1"
 done
-cat >"$work/buynow.sql" <<EOF
-$cart_vars
-SELECT market.buy_now('bench-' || :client_id,
-       (SELECT jsonb_agg(jsonb_build_object('sku_id', s, 'qty', 1))
-          FROM unnest((ARRAY[:s1, :s2, :s3, :s4, :s5]::bigint[])[1:(:n)]) AS s),
+# buy_now: the cart document is built from the statement's parameters, as an
+# application server sends it; five scripts of 1..5 lines, equally likely
+for n in 1 2 3 4 5; do
+	vars="" items=""
+	for i in $(seq 1 "$n"); do
+		vars="$vars\\set r$i random_zipfian(1, :nskus, $BENCH_ZIPF_S)
+\\set s$i :base + :r$i - 1
+"
+		items="$items${items:+, }jsonb_build_object('sku_id', :s$i::int8, 'qty', 1)"
+	done
+	cat >"$work/buynow$n.sql" <<EOF
+$vars
+SELECT market.buy_now('bench-' || :client_id, jsonb_build_array($items),
        gen_random_uuid()::text, '{"method": "pm_card_visa"}', 'EUR');
 EOF
+done
+buynow_scripts="buynow1.sql@1 buynow2.sql@1 buynow3.sql@1 buynow4.sql@1 buynow5.sql@1"
 cat >"$work/checkout.sql" <<EOF
 $cart_vars
 SELECT market.cart_create('bench-' || :client_id, 'EUR') AS cart \\gset
@@ -308,12 +325,22 @@ clean_reservations() {
 	sql "VACUUM ANALYZE market.reservations, market.stock_slots" >/dev/null
 }
 
-# percentiles (ms) of the latency column of pgbench -l logs
-latency_stats() {
-	cat "$@" | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n |
-		awk '{ a[NR] = $1 }
+# The measured window of a point: its transactions that completed at least
+# BENCH_WARMUP seconds after the first one did (pgbench -l: column 3 the
+# latency in us, columns 5-6 the completion time).  Prints the window's
+# p50 p95 p99 (ms), its transactions and its length (s).
+window_stats() {
+	local warmup=$1 times secs
+	shift
+	times=$(mktemp)
+	cat "$@" | awk '$3 ~ /^[0-9]+$/ { printf "%d.%06d %s\n", $5, $6, $3 }' | sort -n >"$times"
+	secs=$(awk -v w="$warmup" 'NR == 1 { start = $1 + w } $1 >= start { last = $1 }
+		END { printf "%.3f", (last > start) ? last - start : 0 }' "$times")
+	awk -v w="$warmup" 'NR == 1 { start = $1 + w } $1 >= start { print $2 }' "$times" | sort -n |
+		awk -v secs="$secs" '{ a[NR] = $1 }
 		     function pct(q,   i) { i = int(q * NR + 0.999999); if (i < 1) i = 1; return a[i] / 1000 }
-		     END { if (NR == 0) print "- - - 0"; else printf "%.3f %.3f %.3f %d\n", pct(0.50), pct(0.95), pct(0.99), NR }'
+		     END { if (NR == 0) print "- - - 0 0"; else printf "%.3f %.3f %.3f %d %s\n", pct(0.50), pct(0.95), pct(0.99), NR, secs }'
+	rm -f "$times"
 }
 
 run_point() {
@@ -342,10 +369,10 @@ run_point() {
 	buynowbatch) options="-c market.batch_checkout=on" ;;
 	esac
 	PGOPTIONS="$options" "$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" -M "$protocol" \
-		-c "$clients" -j "$threads" -T "$BENCH_SECONDS" \
+		-c "$clients" -j "$threads" -T "$((BENCH_WARMUP + BENCH_SECONDS))" \
 		-l --log-prefix="$dir/log" \
 		-D sku="$base" -D flash="$((base + 1))" -D base="$base" -D nskus="$BENCH_SKUS" \
-		-f "$work/$script" "$db" >"$dir/out" 2>"$dir/err" || rc=$?
+		$(for f in $script; do printf -- '-f %s ' "$work/$f"; done) "$db" >"$dir/out" 2>"$dir/err" || rc=$?
 
 	local processed tps aborted successes audit=-
 	processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$dir/out")
@@ -376,16 +403,20 @@ run_point() {
 	select1 | insert1) successes=$processed ;;
 	esac
 
-	local rate
-	rate=$(awk -v s="$successes" -v n="$processed" -v t="$tps" \
+	# the window's rate: its transactions, scaled by the run's successes per
+	# transaction (1 in every scenario whose clients did not abort)
+	local rate whole p50 p95 p99 nwin secs
+	read -r p50 p95 p99 nwin secs < <(window_stats "$BENCH_WARMUP" "$dir"/log*)
+	rate=$(awk -v s="$successes" -v n="$processed" -v w="$nwin" -v t="$secs" \
+		'BEGIN { if (n > 0 && t > 0) printf "%.0f", w * (s / n) / t; else print 0 }')
+	whole=$(awk -v s="$successes" -v n="$processed" -v t="$tps" \
 		'BEGIN { if (n > 0 && t > 0) printf "%.0f", s / (n / t); else print 0 }')
-	local p50 p95 p99 nlog
-	read -r p50 p95 p99 nlog < <(latency_stats "$dir"/log*)
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
 		"$scenario" "$clients" "$rate" "$p50" "$p95" "$p99" "$audit" "$aborted" \
-		"$successes" "$processed" >>"$results"
-	echo "bench: $name: $successes successes, $processed transactions, $rate/s," \
-		"p50 $p50 ms, p95 $p95 ms, p99 $p99 ms, audit violations $audit"
+		"$successes" "$processed" "$whole" >>"$results"
+	echo "bench: $name: $successes successes, $processed transactions; after the ${BENCH_WARMUP} s warm-up" \
+		"$nwin transactions in $secs s: $rate/s, p50 $p50 ms, p95 $p95 ms, p99 $p99 ms;" \
+		"whole run $whole/s; audit violations $audit"
 	[ -n "${BENCH_KEEP:-}" ] || rm -f "$dir"/log*
 }
 
@@ -395,8 +426,8 @@ for scenario in $BENCH_SCENARIOS; do
 	flash) for c in $BENCH_CLIENTS; do run_point flash "$c" flash.sql; done ;;
 	batch) for c in $BENCH_CLIENTS; do run_point batch "$c" hot.sql; done ;;
 	zipfbatch) for c in $BENCH_ZIPF_CLIENTS; do run_point zipfbatch "$c" zipf.sql; done ;;
-	buynow) for c in $BENCH_ZIPF_CLIENTS; do run_point buynow "$c" buynow.sql; done ;;
-	buynowbatch) for c in $BENCH_ZIPF_CLIENTS; do run_point buynowbatch "$c" buynow.sql; done ;;
+	buynow) for c in $BENCH_ZIPF_CLIENTS; do run_point buynow "$c" "$buynow_scripts"; done ;;
+	buynowbatch) for c in $BENCH_ZIPF_CLIENTS; do run_point buynowbatch "$c" "$buynow_scripts"; done ;;
 	checkout) for c in $BENCH_ZIPF_CLIENTS; do run_point checkout "$c" checkout.sql; done ;;
 	insert1) for c in $BENCH_CLIENTS; do run_point insert1 "$c" insert1.sql; done ;;
 	expiry)
@@ -510,13 +541,13 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	}
 	function ratio(v, b) { return (b > 0) ? sprintf("%.2f", v / b) : "-" }
 	END {
-		print "| scenario | clients | successful/s | p50 ms | p95 ms | p99 ms | audit violations | aborted clients | vs baseline | vs SELECT 1 |"
-		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+		print "| scenario | clients | successful/s | p50 ms | p95 ms | p99 ms | audit violations | aborted clients | vs baseline | vs SELECT 1 | whole run/s |"
+		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 		for (i = 1; i <= NR; i++) {
 			split(rows[i], f, "\t")
-			printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 				label(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8],
-				ratio(f[3], bl[f[2]]), ratio(f[3], s1[f[2]])
+				ratio(f[3], bl[f[2]]), ratio(f[3], s1[f[2]]), f[11]
 		}
 	}' "$results" >"$work/table.md"
 
@@ -526,10 +557,12 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	echo "- machine: $ncpu CPUs ($cpu), $mem RAM"
 	echo "- market.so sha256 $(sha256sum "$pkglibdir/market.so" | cut -c1-12)"
 	echo "- disk: fdatasync of one 8 kB write ${fsync_rate:-?} ops/s (pg_test_fsync)"
-	echo "- $pgver; market at $BENCH_REV; pgbench -j $BENCH_THREADS, $BENCH_SECONDS s per point, $BENCH_PROTOCOL protocol"
+	echo "- $pgver; market at $BENCH_REV; pgbench -j $BENCH_THREADS, $BENCH_WARMUP + $BENCH_SECONDS s per point, $BENCH_PROTOCOL protocol"
 	echo "- server: synchronous_commit = $BENCH_SYNC_COMMIT, fsync = on, shared_buffers = 1GB, max_connections = 400,"
 	echo "  shared_preload_libraries = 'market,pg_cron', market.stock_slots = ${slots:-default}, expiry worker running: ${expiry:-?}"
-	echo "- successful/s: successes counted in the database / run time measured by pgbench"
+	echo "- successful/s, p50/p95/p99: over the transactions that completed after a ${BENCH_WARMUP} s warm-up (pgbench -l),"
+	echo "  the rate scaled by the run's successes counted in the database per transaction; whole run/s: the"
+	echo "  run's successes / its time measured by pgbench (warm-up included)"
 	echo "- vs baseline, vs SELECT 1: successful/s over that scenario's at the same client count"
 	echo
 	cat "$work/table.md"
