@@ -926,7 +926,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 		StartTransactionCommand();
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
-		pgstat_report_activity(STATE_RUNNING, "market: applying a reservation batch");
+		pgstat_report_activity(STATE_RUNNING, "market: applying a batch of reservations and checkouts");
 
 		for (int i = 0; i < n; i++)
 		{

@@ -361,7 +361,7 @@ run_point() {
 
 	local threads=$BENCH_THREADS
 	[ "$clients" -lt "$threads" ] && threads=$clients
-	echo "bench: $name: pgbench -c $clients -j $threads -T $BENCH_SECONDS"
+	echo "bench: $name: pgbench -c $clients -j $threads -T $((BENCH_WARMUP + BENCH_SECONDS))"
 	local rc=0 options="" protocol=$BENCH_PROTOCOL
 	[ "$scenario" = checkout ] && protocol=simple
 	case $scenario in
