@@ -47,6 +47,10 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# every object (and its JIT bitcode) is rebuilt when a header changes: PGXS
+# tracks no header dependencies unless PostgreSQL was built with them
+$(OBJS) $(OBJS:.o=.bc): $(wildcard src/*.h)
+
 sql/market--0.1--0.2.sql: $(sort $(wildcard sql/0.1--0.2/*.sql))
 	cat $^ > $@
 

@@ -14,11 +14,11 @@
  * statement whose data-modifying CTEs write the order group, the orders,
  * their lines, the payment, the outbox row, the stored response and the
  * checkout row.  buy_now is two steps: market_buy_now_prepare claims the
- * key, freezes prices and takes the units from their slots (the slot
- * engine, src/inventory.c); market_buy_now_write then writes, for any
- * number of prepared checkouts at once, the sold reservations, the units
- * off hand, the ledger's sale rows and everything checkout_complete's
- * statement writes.  The direct path writes one; the batch worker
+ * key, freezes prices and takes the units from their slots, free and on
+ * hand in one UPDATE per slot (the slot engine, src/inventory.c);
+ * market_buy_now_write then writes, for any number of prepared checkouts
+ * at once, the sold reservations, the ledger's sale rows and everything
+ * checkout_complete's statement writes.  The direct path writes one; the batch worker
  * (src/batch.c) a whole chunk.
  *
  * Locking (extends the protocol of market.h):
@@ -875,17 +875,15 @@ market_buy_now(PG_FUNCTION_ARGS)
  * Parameters, one element per checkout, numbered idx = 0 .. n-1:
  *	$1 idx, $2 checkout id, $3 customer, $4 currency, $5 total,
  *	$6 payment method, $7 psp, $8 idempotency key, $9 reservation id;
- * what was taken from the slots (free units, still on hand), one element
+ * what was taken from the slots (already off hand), one element
  * per take: $10 idx, $11 sku, $12 warehouse, $13 qty, $19 slot (several
  * per slot allowed); the frozen lines, one element per (checkout, SKU) in
  * SKU order: $14 idx, $15 sku, $16 unit price, $17 seller, $18 qty.
- * Per checkout: the reservation, recorded committed; the units leave the
- * slots (which this transaction already holds) with a sale row per
+ * Per checkout: the reservation, recorded committed; a sale row per
  * (sku, warehouse) in the ledger; one order per seller, its lines per
  * (sku, warehouse) at the frozen price, one payment, one
  * 'payment.authorize' outbox row, the checkout row written completed and
- * the stored response.  Returns (idx, response, slots sold from) per
- * checkout.  Rows are inserted in idx order, so a checkout's ids and
+ * the stored response.  Returns (idx, response) per checkout.  Rows are inserted in idx order, so a checkout's ids and
  * outbox rows come in the order the checkouts were applied.
  */
 #define ORDERS_SQL_MANY \
@@ -915,12 +913,6 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"                 array_agg(t.qty ORDER BY t.sku_id, t.warehouse_id, t.slot) AS qtys" \
 	"            FROM t GROUP BY t.idx) tr ON tr.idx = c.idx" \
 	"   ORDER BY c.idx)," \
-	" sold AS (" \
-	"  UPDATE market.stock_slots s SET on_hand = s.on_hand - v.qty" \
-	"    FROM (SELECT t.sku_id, t.warehouse_id, t.slot, sum(t.qty)::int8 AS qty FROM t" \
-	"           GROUP BY t.sku_id, t.warehouse_id, t.slot) v" \
-	"   WHERE s.sku_id = v.sku_id AND s.warehouse_id = v.warehouse_id AND s.slot = v.slot" \
-	"  RETURNING 1)," \
 	" led AS (" \
 	"  INSERT INTO market.stock_ledger (sku_id, warehouse_id, delta, kind, reservation_id)" \
 	"  SELECT t.sku_id, t.warehouse_id, -sum(t.qty)::int8, 'sale', c.reservation_id" \
@@ -978,7 +970,7 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"                         array_agg(f.seller_id ORDER BY f.n) AS seller_ids" \
 	"                    FROM f GROUP BY f.idx) fa ON fa.idx = gc.idx" \
 	"   ORDER BY gc.idx)" \
-	" SELECT r.idx, r.doc, (SELECT count(*) FROM sold) FROM r ORDER BY r.idx"
+	" SELECT r.idx, r.doc FROM r ORDER BY r.idx"
 
 /* what a prepared buy_now leaves for market_buy_now_write */
 struct MarketBuyNowPending
@@ -1014,6 +1006,7 @@ market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Dat
 	TakeList	takes = {0};
 	int			row = 0;
 
+	takes.sell = true;			/* the slot UPDATEs take the units off hand */
 	pending->req = req;
 	frozen_init(&pending->frozen, nlines);
 
@@ -1110,8 +1103,6 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 		INT4ARRAYOID, INT8ARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
 		INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT4ARRAYOID};
 	Datum		values[19];
-	SlotTake   *all_takes;
-	int			nslots = 0;
 	Datum	   *idx = palloc(sizeof(Datum) * n);
 	Datum	   *checkout = palloc(sizeof(Datum) * n);
 	Datum	   *customer = palloc(sizeof(Datum) * n);
@@ -1140,7 +1131,6 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 	t_wh = palloc(sizeof(Datum) * Max(ntakes, 1));
 	t_qty = palloc(sizeof(Datum) * Max(ntakes, 1));
 	t_slot = palloc(sizeof(Datum) * Max(ntakes, 1));
-	all_takes = palloc(sizeof(SlotTake) * Max(ntakes, 1));
 	f_idx = palloc(sizeof(Datum) * Max(nfrozen, 1));
 	f_sku = palloc(sizeof(Datum) * Max(nfrozen, 1));
 	f_price = palloc(sizeof(Datum) * Max(nfrozen, 1));
@@ -1170,7 +1160,6 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 			t_wh[nt] = Int32GetDatum(p->takes[t].warehouse_id);
 			t_qty[nt] = Int64GetDatum(p->takes[t].qty);
 			t_slot[nt] = Int32GetDatum(p->takes[t].slot);
-			all_takes[nt] = p->takes[t];
 		}
 		for (int f = 0; f < p->frozen.n; f++, nf++)
 		{
@@ -1202,12 +1191,6 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 	values[17] = int8_array(f_qty, nf);
 	values[18] = int4_array(t_slot, nt);
 
-	/* the slots sold from, for the check below */
-	qsort(all_takes, nt, sizeof(SlotTake), market_compare_takes);
-	for (int i = 0; i < nt; i++)
-		if (i == 0 || market_compare_takes(&all_takes[i], &all_takes[i - 1]) != 0)
-			nslots++;
-
 	SPI_connect();
 	market_prepare(&plan, ORDERS_SQL_MANY, 19, types);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT || SPI_processed != (uint64) n)
@@ -1217,13 +1200,9 @@ market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses)
 		bool		isnull;
 		int32		k = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull));
 		Datum		doc = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &isnull);
-		bool		nonull;
-		int64		sold = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &nonull));
 
 		if (k != i || isnull)
 			elog(ERROR, "market: the orders statement returned no response for checkout %d", i);
-		if (sold != nslots)
-			elog(ERROR, "market: a reserved slot is missing");
 		responses[i] = SPI_datumTransfer(doc, false, -1);
 	}
 	SPI_finish();

@@ -175,24 +175,30 @@ market_lock_slot_guards(int64 sku_id, int32 warehouse_id, int32 nslots)
 
 /*
  * take_from_slot takes qty free units from a slot whose advisory lock we
- * hold, if it still has them.  Returns false if it does not.
+ * hold, if it still has them, and with sell takes them off hand too.
+ * Returns false if it does not have them.
  */
 static bool
-take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
+take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty, bool sell)
 {
-	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr hold_plan = NULL;
+	static SPIPlanPtr sell_plan = NULL;
 	Oid			types[4] = {INT8OID, INT4OID, INT4OID, INT8OID};
 	Datum		values[4];
 
-	market_prepare(&plan,
+	market_prepare(&hold_plan,
 				   "UPDATE market.stock_slots SET free = free - $4"
+				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
+				   4, types);
+	market_prepare(&sell_plan,
+				   "UPDATE market.stock_slots SET free = free - $4, on_hand = on_hand - $4"
 				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
 				   4, types);
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
 	values[2] = Int32GetDatum(slot);
 	values[3] = Int64GetDatum(qty);
-	return run_plan(plan, values, SPI_OK_UPDATE, 0) == 1;
+	return run_plan(sell ? sell_plan : hold_plan, values, SPI_OK_UPDATE, 0) == 1;
 }
 
 /*
@@ -209,7 +215,7 @@ take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty)
  * Returns the slot taken, or -1.
  */
 static int32
-claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
+claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty, bool sell)
 {
 	static SPIPlanPtr fit_plan = NULL;
 	Oid			types[3] = {INT8OID, INT4OID, INT8OID};
@@ -231,7 +237,7 @@ claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 		slot_locktag(&tag, sku_id, warehouse_id, home);
 		if (LockAcquire(&tag, ExclusiveLock, false, true) != LOCKACQUIRE_NOT_AVAIL)
 		{
-			if (take_from_slot(sku_id, warehouse_id, home, qty))
+			if (take_from_slot(sku_id, warehouse_id, home, qty, sell))
 				return home;
 			LockRelease(&tag, ExclusiveLock, false);
 		}
@@ -255,7 +261,7 @@ claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 		slot_locktag(&tag, sku_id, warehouse_id, slot);
 		if (LockAcquire(&tag, ExclusiveLock, false, true) == LOCKACQUIRE_NOT_AVAIL)
 			continue;
-		if (take_from_slot(sku_id, warehouse_id, slot, qty))
+		if (take_from_slot(sku_id, warehouse_id, slot, qty, sell))
 			return slot;
 		LockRelease(&tag, ExclusiveLock, false);
 	}
@@ -263,7 +269,7 @@ claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty)
 	/* every fitting slot is busy: queue behind one holder */
 	slot_locktag(&tag, sku_id, warehouse_id, fits[start]);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
-	if (take_from_slot(sku_id, warehouse_id, fits[start], qty))
+	if (take_from_slot(sku_id, warehouse_id, fits[start], qty, sell))
 		return fits[start];
 	LockRelease(&tag, ExclusiveLock, false);
 	return -1;
@@ -483,6 +489,8 @@ take_exact_locked(int64 sku_id, int32 warehouse_id, int64 qty, TakeList *takes)
 		if (t <= 0)
 			continue;
 		set.free[i] -= t;		/* now held by us: on_hand - free grows by t */
+		if (takes->sell)
+			set.on_hand[i] -= t;	/* or sold: on_hand - free stays */
 		remaining -= t;
 		takes_append(takes, sku_id, warehouse_id, set.slot[i], t);
 	}
@@ -605,7 +613,7 @@ static bool
 take_from_pair(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty,
 			   TakeList *takes)
 {
-	int32		slot = claim_slot(sku_id, warehouse_id, nslots, qty);
+	int32		slot = claim_slot(sku_id, warehouse_id, nslots, qty, takes->sell);
 
 	if (slot >= 0)
 	{

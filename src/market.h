@@ -118,12 +118,17 @@ typedef struct SlotTake
 	int64		qty;
 } SlotTake;
 
-/* a growing array of takes */
+/*
+ * a growing array of takes; sell (set by buy_now before the first take)
+ * takes the units off hand in the same slot UPDATE, instead of holding
+ * them for a reservation that a second UPDATE of the same rows sells
+ */
 typedef struct TakeList
 {
 	SlotTake   *items;
 	int			count;
 	int			capacity;
+	bool		sell;
 } TakeList;
 
 /* src/market.c */
