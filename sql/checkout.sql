@@ -286,26 +286,24 @@ SELECT customer_id, count(*) AS groups FROM market.order_groups WHERE customer_i
  GROUP BY 1 ORDER BY 1;
 
 -- a sale takes its units from a slot's free and on-hand counts in one UPDATE:
--- the fast path (one slot holds them) and the exact path (spread over slots)
+-- the exact path (no slot holds 5 units: taken across slots, the rest spread
+-- evenly) and the fast path (one slot holds the unit);
+-- slot_updates counts the slot rows this backend updated and has not yet
+-- reported, so the difference around a call is the call's
 SELECT market.sku_create(:p1, 'CHK-SLOTS', 10, 'USD') AS sl \gset
 SELECT market.stock_set(:sl, :w1, 8, slots => 4) AS sl_w1;
-SELECT array_agg(on_hand ORDER BY on_hand) AS on_hand, array_agg(free ORDER BY free) AS free
-  FROM market.stock_slots WHERE sku_id = :sl;
--- (the backend's not yet reported counts: the difference is the call's)
+\set slots_of_sl 'SELECT array_agg(on_hand ORDER BY on_hand) AS on_hand, array_agg(free ORDER BY free) AS free FROM market.stock_slots WHERE sku_id = ' :sl
+\set slot_updates '(SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relid = ''market.stock_slots''::regclass)'
+:slots_of_sl;
 BEGIN;
-SELECT n_tup_upd AS upd_before FROM pg_stat_xact_user_tables WHERE relid = 'market.stock_slots'::regclass \gset
-SELECT (market.buy_now('fay', format('[{"sku_id": %s, "qty": 1}]', :sl)::jsonb, 'fay-1'))->'payment'->>'amount_minor' AS fast_amount;
-SELECT n_tup_upd - :upd_before AS slot_rows_updated FROM pg_stat_xact_user_tables WHERE relid = 'market.stock_slots'::regclass;
-COMMIT;
-SELECT array_agg(on_hand ORDER BY on_hand) AS on_hand, array_agg(free ORDER BY free) AS free
-  FROM market.stock_slots WHERE sku_id = :sl;
-BEGIN;
-SELECT n_tup_upd AS upd_before FROM pg_stat_xact_user_tables WHERE relid = 'market.stock_slots'::regclass \gset
+SELECT :slot_updates AS upd_before \gset
 SELECT (market.buy_now('fay', format('[{"sku_id": %s, "qty": 5}]', :sl)::jsonb, 'fay-2'))->'payment'->>'amount_minor' AS exact_amount;
-SELECT n_tup_upd - :upd_before AS slot_rows_updated FROM pg_stat_xact_user_tables WHERE relid = 'market.stock_slots'::regclass;
+SELECT :slot_updates - :upd_before AS slot_rows_updated;
+SELECT :slot_updates AS upd_before \gset
+SELECT (market.buy_now('fay', format('[{"sku_id": %s, "qty": 1}]', :sl)::jsonb, 'fay-1'))->'payment'->>'amount_minor' AS fast_amount;
+SELECT :slot_updates - :upd_before AS slot_rows_updated;
 COMMIT;
-SELECT array_agg(on_hand ORDER BY on_hand) AS on_hand, array_agg(free ORDER BY free) AS free
-  FROM market.stock_slots WHERE sku_id = :sl;
+:slots_of_sl;
 SELECT on_hand, held, free FROM market.stock_levels WHERE sku_id = :sl;
 
 -- ---------------------------------------------------------------------------
