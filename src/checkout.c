@@ -18,8 +18,8 @@
  * hand in one UPDATE per slot (the slot engine, src/inventory.c);
  * market_buy_now_write then writes, for any number of prepared checkouts
  * at once, the sold reservations, the ledger's sale rows and everything
- * checkout_complete's statement writes.  The direct path writes one; the batch worker
- * (src/batch.c) a whole chunk.
+ * checkout_complete's statement writes.  The direct path writes one; the
+ * batch worker (src/batch.c) a whole chunk.
  *
  * Locking (extends the protocol of market.h):
  *	cart row -> checkout row -> idempotency key -> reservation row -> slots.
@@ -883,8 +883,9 @@ market_buy_now(PG_FUNCTION_ARGS)
  * (sku, warehouse) in the ledger; one order per seller, its lines per
  * (sku, warehouse) at the frozen price, one payment, one
  * 'payment.authorize' outbox row, the checkout row written completed and
- * the stored response.  Returns (idx, response) per checkout.  Rows are inserted in idx order, so a checkout's ids and
- * outbox rows come in the order the checkouts were applied.
+ * the stored response.  Returns (idx, response) per checkout.  Rows are
+ * inserted in idx order, so a checkout's ids and outbox rows come in the
+ * order the checkouts were applied.
  */
 #define ORDERS_SQL_MANY \
 	"WITH c AS (" \

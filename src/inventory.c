@@ -212,7 +212,8 @@ take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty, bool sel
  * them.  The probes are bounded because every try-lock goes through the
  * shared lock table's partition locks: with hundreds of sessions on one
  * SKU, scanning every slot made the lock manager itself the bottleneck.
- * Returns the slot taken, or -1.
+ * With sell the take is a sale (on_hand falls with free).  Returns the
+ * slot taken, or -1.
  */
 static int32
 claim_slot(int64 sku_id, int32 warehouse_id, int32 nslots, int64 qty, bool sell)
