@@ -311,9 +311,12 @@ SELECT pg_temp.try(format('SELECT market.psp_webhook(%L, %L, %L)', 'adyen', '{}'
 -- ---------------------------------------------------------------------------
 SET market.psp_retry_base = 0;
 SET market.psp_max_retries = 0;
+-- claim() shows this file's payments (ids 900000 and up) only: on a slow
+-- machine (valgrind) a job an earlier file left leased comes due again
 CREATE FUNCTION pg_temp.claim() RETURNS text LANGUAGE sql AS $$
 	SELECT coalesce(string_agg(format('%s %s at %s', j ->> 'op', j ->> 'payment_id', j ->> 'account'), ', '), 'nothing')
 	  FROM jsonb_array_elements(market.psp_claim('regress', 100)) j
+	 WHERE (j ->> 'payment_id')::bigint >= 900000
 $$;
 CREATE FUNCTION pg_temp.last_attempt(pid bigint) RETURNS bigint LANGUAGE sql AS $$
 	SELECT max(id) FROM market.payment_attempts WHERE payment_id = pid
