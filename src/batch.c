@@ -1044,10 +1044,12 @@ queue_length(void)
 
 /*
  * take_queued pops up to max queued backends off the ring, stopping before
- * the (BATCH_MAX_SUBXACTS + 1)th checkout: one worker takes at most one
- * transaction's worth of checkouts at a time and leaves the rest of the
- * queue to the other workers, instead of applying four chunks in a row
- * while they sit idle.  *left is what stays queued.
+ * the (BATCH_MAX_SUBXACTS + 1)th checkout, so that what it takes is one
+ * transaction's worth: each checkout is a subtransaction, and with at most
+ * BATCH_MAX_SUBXACTS of them the worker's subtransaction ids stay in its
+ * PGPROC cache and other sessions' snapshots stay cheap.  The rest of the
+ * queue is left to the other workers rather than applied as further
+ * transactions in a row while they sit idle.  *left is what stays queued.
  */
 static int
 take_queued(int *procnos, int max, int *left)
@@ -1069,31 +1071,6 @@ take_queued(int *procnos, int max, int *left)
 	*left = batch->count;
 	SpinLockRelease(&batch->mutex);
 	return n;
-}
-
-/*
- * chunk_end returns where the transaction that starts at answers[start]
- * ends: at most BATCH_MAX_SUBXACTS checkouts (each a subtransaction) per
- * transaction, so that the worker's subtransaction ids stay in its PGPROC
- * cache and other sessions' snapshots stay cheap.
- */
-static int
-chunk_end(BatchAnswer *answers, int start, int n)
-{
-	int			checkouts = 0;
-	int			end = start;
-
-	while (end < n)
-	{
-		if (batch_requests[answers[end].procno].kind == BK_BUY_NOW)
-		{
-			if (checkouts == BATCH_MAX_SUBXACTS)
-				break;
-			checkouts++;
-		}
-		end++;
-	}
-	return end;
 }
 
 /* run_batch takes what is queued, applies it and answers every backend. */
@@ -1123,38 +1100,30 @@ run_batch(int *procnos, BatchAnswer *answers, MemoryContext cxt)
 			pg_atomic_write_u32(&req->state, BR_FREE);
 	}
 
-	for (int start = 0, end; start < n; start = end)
+	if (n > 0)
 	{
-		BatchAnswer *chunk = answers + start;
-		int			len;
-
-		end = chunk_end(answers, start, n);
-		len = end - start;
-		if (!apply_batch(chunk, len, cxt))
+		if (!apply_batch(answers, n, cxt))
 		{
 			pg_atomic_fetch_add_u64(&batch->fallbacks, 1);
-			for (int i = 0; i < len; i++)
-				apply_one(&chunk[i], cxt);
+			for (int i = 0; i < n; i++)
+				apply_one(&answers[i], cxt);
 		}
 		/* counted before answering, so that a caller sees its own request counted */
 		pg_atomic_fetch_add_u64(&batch->batches, 1);
-		pg_atomic_fetch_add_u64(&batch->requests, len);
-		if ((uint64) len > pg_atomic_read_u64(&batch->largest))
-			pg_atomic_write_u64(&batch->largest, len);
-		for (int i = 0; i < len; i++)
-			if (!chunk[i].retry_alone)
-				publish_answer(&chunk[i]);
+		pg_atomic_fetch_add_u64(&batch->requests, n);
+		if ((uint64) n > pg_atomic_read_u64(&batch->largest))
+			pg_atomic_write_u64(&batch->largest, n);
+		for (int i = 0; i < n; i++)
+			if (!answers[i].retry_alone)
+				publish_answer(&answers[i]);
 		/* the batch is committed: what timed out waiting now waits alone */
-		for (int i = 0; i < len; i++)
-			if (chunk[i].retry_alone)
+		for (int i = 0; i < n; i++)
+			if (answers[i].retry_alone)
 			{
 				pg_atomic_fetch_add_u64(&batch->retried_alone, 1);
-				apply_one(&chunk[i], cxt);
-				publish_answer(&chunk[i]);
+				apply_one(&answers[i], cxt);
+				publish_answer(&answers[i]);
 			}
-	}
-	if (n > 0)
-	{
 		pgstat_report_stat(false);
 		pgstat_report_activity(STATE_IDLE, NULL);
 	}
