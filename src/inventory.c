@@ -186,19 +186,23 @@ take_from_slot(int64 sku_id, int32 warehouse_id, int32 slot, int64 qty, bool sel
 	Oid			types[4] = {INT8OID, INT4OID, INT4OID, INT8OID};
 	Datum		values[4];
 
-	market_prepare(&hold_plan,
-				   "UPDATE market.stock_slots SET free = free - $4"
-				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
-				   4, types);
-	market_prepare(&sell_plan,
-				   "UPDATE market.stock_slots SET free = free - $4, on_hand = on_hand - $4"
-				   " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
-				   4, types);
+	SPIPlanPtr	plan;
+
+	if (sell)
+		plan = market_prepare(&sell_plan,
+							  "UPDATE market.stock_slots SET free = free - $4, on_hand = on_hand - $4"
+							  " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
+							  4, types);
+	else
+		plan = market_prepare(&hold_plan,
+							  "UPDATE market.stock_slots SET free = free - $4"
+							  " WHERE sku_id = $1 AND warehouse_id = $2 AND slot = $3 AND free >= $4",
+							  4, types);
 	values[0] = Int64GetDatum(sku_id);
 	values[1] = Int32GetDatum(warehouse_id);
 	values[2] = Int32GetDatum(slot);
 	values[3] = Int64GetDatum(qty);
-	return run_plan(sell ? sell_plan : hold_plan, values, SPI_OK_UPDATE, 0) == 1;
+	return run_plan(plan, values, SPI_OK_UPDATE, 0) == 1;
 }
 
 /*

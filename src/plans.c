@@ -11,10 +11,10 @@
  * empty (a new shop, or the first minute of a benchmark) kept sequential
  * scans for key lookups as the tables grew, so every checkout got slower
  * than the one before: the batch workers fell from 624 to 182 checkouts/s
- * within 30 s on a fresh database (docs/benchmarks.md).  The worst were not our own statements but
- * the foreign-key checks PostgreSQL runs for every inserted row ("SELECT 1
- * FROM ONLY market.orders x WHERE id = $1 FOR KEY SHARE"), whose plans
- * live in the same plan cache.  Autovacuum's ANALYZE would invalidate
+ * within 30 s on a fresh database (docs/benchmarks.md).  The worst were not
+ * our own statements but the foreign-key checks PostgreSQL runs for every
+ * inserted row ("SELECT 1 FROM ONLY market.orders x WHERE id = $1 FOR KEY
+ * SHARE"), whose plans live in the same plan cache.  Autovacuum's ANALYZE would invalidate
  * them eventually, but only once it gets to the table, which can take
  * minutes while it vacuums a freshly loaded catalog.
  *
