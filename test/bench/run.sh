@@ -273,25 +273,25 @@ cat >"$work/expiry.sql" <<EOF
 \\set sku :base + :r - 1
 SELECT market.reserve('[{"sku_id": :sku, "qty": 1}]', '2 seconds');
 EOF
+# sku_vars N: the pgbench lines that draw SKUs s1..sN with Zipf popularity
+sku_vars() {
+	for i in $(seq 1 "$1"); do
+		printf '\\set r%s random_zipfian(1, :nskus, %s)\n\\set s%s :base + :r%s - 1\n' \
+			"$i" "$BENCH_ZIPF_S" "$i" "$i"
+	done
+}
 # a cart: n in 1..5 SKUs drawn with Zipf popularity
-cart_vars='\set n random(1, 5)'
-for i in 1 2 3 4 5; do
-	cart_vars="$cart_vars
-\\set r$i random_zipfian(1, :nskus, $BENCH_ZIPF_S)
-\\set s$i :base + :r$i - 1"
-done
+cart_vars="\\set n random(1, 5)
+$(sku_vars 5)"
 # buy_now: the cart document is built from the statement's parameters, as an
 # application server sends it; five scripts of 1..5 lines, equally likely
 for n in 1 2 3 4 5; do
-	vars="" items=""
+	items=""
 	for i in $(seq 1 "$n"); do
-		vars="$vars\\set r$i random_zipfian(1, :nskus, $BENCH_ZIPF_S)
-\\set s$i :base + :r$i - 1
-"
 		items="$items${items:+, }jsonb_build_object('sku_id', :s$i::int8, 'qty', 1)"
 	done
 	cat >"$work/buynow$n.sql" <<EOF
-$vars
+$(sku_vars "$n")
 SELECT market.buy_now('bench-' || :client_id, jsonb_build_array($items),
        gen_random_uuid()::text, '{"method": "pm_card_visa"}', 'EUR');
 EOF
@@ -330,17 +330,21 @@ clean_reservations() {
 # latency in us, columns 5-6 the completion time).  Prints the window's
 # p50 p95 p99 (ms), its transactions and its length (s).
 window_stats() {
-	local warmup=$1 times secs
+	local warmup=$1 times latencies secs
 	shift
 	times=$(mktemp)
+	latencies=$(mktemp)
 	cat "$@" | awk '$3 ~ /^[0-9]+$/ { printf "%d.%06d %s\n", $5, $6, $3 }' | sort -n >"$times"
-	secs=$(awk -v w="$warmup" 'NR == 1 { start = $1 + w } $1 >= start { last = $1 }
+	# one pass: the window's latencies to a file, its length to stdout
+	secs=$(awk -v w="$warmup" -v out="$latencies" '
+		NR == 1 { start = $1 + w }
+		$1 >= start { print $2 > out; last = $1 }
 		END { printf "%.3f", (last > start) ? last - start : 0 }' "$times")
-	awk -v w="$warmup" 'NR == 1 { start = $1 + w } $1 >= start { print $2 }' "$times" | sort -n |
+	sort -n "$latencies" |
 		awk -v secs="$secs" '{ a[NR] = $1 }
 		     function pct(q,   i) { i = int(q * NR + 0.999999); if (i < 1) i = 1; return a[i] / 1000 }
 		     END { if (NR == 0) print "- - - 0 0"; else printf "%.3f %.3f %.3f %d %s\n", pct(0.50), pct(0.95), pct(0.99), NR, secs }'
-	rm -f "$times"
+	rm -f "$times" "$latencies"
 }
 
 run_point() {
