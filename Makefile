@@ -19,6 +19,7 @@ OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 UPDATE_SCRIPTS = sql/market--0.1--0.2.sql
 UPDATE_SCRIPTS += sql/market--0.2--0.3.sql
 UPDATE_SCRIPTS += sql/market--0.3--0.4.sql
+UPDATE_SCRIPTS += sql/market--0.4--0.5.sql
 DATA = sql/market--0.1.sql
 DATA_built = $(UPDATE_SCRIPTS)
 EXTRA_CLEAN = $(UPDATE_SCRIPTS)
@@ -31,7 +32,7 @@ SHLIB_LINK += -lcurl
 # pg_regress suites: behaviour and bad input (sql/ + expected/)
 # (listed in run order; a name without its sql/<name>.sql is left out)
 REGRESS_ORDER = catalog stock reserve reservation_lifecycle expiry privileges verify \
-	upgrade cart checkout orders outbox payments psp_batch webhooks batch batch_checkout
+	upgrade cart checkout orders references outbox payments psp_batch webhooks batch batch_checkout
 REGRESS = $(filter $(basename $(notdir $(wildcard sql/*.sql))),$(REGRESS_ORDER))
 REGRESS_OPTS = --temp-instance=./tmp_check/regress --temp-config=test/regress.conf
 
@@ -58,6 +59,9 @@ sql/market--0.2--0.3.sql: $(sort $(wildcard sql/0.2--0.3/*.sql))
 	cat $^ > $@
 
 sql/market--0.3--0.4.sql: $(sort $(wildcard sql/0.3--0.4/*.sql))
+	cat $^ > $@
+
+sql/market--0.4--0.5.sql: $(sort $(wildcard sql/0.4--0.5/*.sql))
 	cat $^ > $@
 
 .PHONY: test demo bench test-psp tmp_check_dir

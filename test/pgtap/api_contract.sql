@@ -18,13 +18,13 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(390);
+SELECT plan(402);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
 -- ---------------------------------------------------------------------------
 SELECT has_extension('market');
-SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.4', 'market is at version 0.4');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'market'), '0.5', 'market is at version 0.5');
 SELECT is((SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
 			WHERE e.extname = 'market'), 'market', 'the extension lives in schema market');
 SELECT has_schema('market');
@@ -89,6 +89,11 @@ SELECT trigger_is('market', 'stock_ledger', 'stock_ledger_no_truncate', 'market'
 SELECT trigger_is('market', 'orders', 'orders_guard', 'market', 'order_guard');
 SELECT trigger_is('market', 'orders', 'orders_created', 'market', 'order_effects_set');
 SELECT trigger_is('market', 'orders', 'orders_transition', 'market', 'order_effects_set');
+-- the order tables' references (0.5: triggers, not foreign keys)
+SELECT trigger_is('market', t, t || '_references', 'market', 'references_check')
+  FROM unnest(ARRAY['orders', 'order_lines', 'order_events', 'payments']) AS t;
+SELECT trigger_is('market', t, t || '_referenced', 'market', 'references_guard')
+  FROM unnest(ARRAY['order_groups', 'orders', 'sellers', 'skus', 'warehouses']) AS t;
 
 -- ---------------------------------------------------------------------------
 -- functions: exactly these, with the documented signatures
@@ -97,7 +102,7 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
 	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
 	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects_set',
-	'order_transition_many',
+	'order_transition_many', 'references_check', 'references_guard',
 	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
 	'outbox_notifier', 'outbox_wake', 'batch_status',
 	'cart_create', 'cart_set_item', 'cart_view', 'checkout_begin', 'checkout_complete', 'buy_now',
@@ -319,6 +324,8 @@ SELECT is_definer('market', 'checkout_complete', ARRAY['uuid', 'text', 'jsonb', 
 SELECT is_definer('market', 'buy_now', ARRAY['text', 'jsonb', 'text', 'jsonb', 'text']);
 SELECT is_definer('market', 'idempotency_purge', ARRAY['integer']);
 SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
+SELECT isnt_definer('market', 'references_check', '{}'::name[]);
+SELECT isnt_definer('market', 'references_guard', '{}'::name[]);
 SELECT is_definer('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
 SELECT is_definer('market', 'order_transitions', '{}'::name[]);
 SELECT is_definer('market', 'order_view', ARRAY['bigint']);
@@ -358,10 +365,17 @@ SELECT is_definer('market', 'psp_hmac_verify', ARRAY['bytea', 'bytea', 'bytea'])
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.proisstrict),
 		  NULL, 'no market function is STRICT');
+-- except the two reference triggers (0.5): C, run per row, no SQL inside,
+-- every name they resolve schema-qualified; a SET clause would cost a
+-- configuration save and restore per row written
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace
+			  AND p.proname NOT IN ('references_check', 'references_guard')
 			  AND p.proconfig IS DISTINCT FROM ARRAY['search_path=pg_catalog, pg_temp']),
-		  NULL, 'every market function has exactly search_path = pg_catalog, pg_temp');
+		  NULL, 'every market function but the reference triggers has exactly search_path = pg_catalog, pg_temp');
+SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
+			WHERE p.pronamespace = 'market'::regnamespace AND p.proconfig IS NULL),
+		  ARRAY['references_check', 'references_guard'], 'the reference triggers set nothing per call');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 'i'),
 		  NULL, 'no market function claims to be IMMUTABLE');

@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(385);
+SELECT plan(393);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -104,6 +104,8 @@ INSERT INTO fn VALUES
 	('order_guard', '{}', false, false),
 	('order_effects_set', '{}', false, false),
 	('order_transition_many', ARRAY['bigint[]', 'text', 'text[]'], false, true),
+	('references_check', '{}', false, false),
+	('references_guard', '{}', false, false),
 	('outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], true, true),
 	('outbox_ack', ARRAY['bigint[]', 'text'], true, true),
 	('outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], true, true),
