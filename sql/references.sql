@@ -84,6 +84,17 @@ UPDATE market.order_groups SET total_minor = total_minor WHERE id = :grp;
 ROLLBACK;
 DELETE FROM market.sellers WHERE id = :idle_seller;
 SELECT count(*) AS idle_seller_left FROM market.sellers WHERE id = :idle_seller;
+-- a parent this transaction found, then deleted once nothing referred to
+-- it, is not found again
+BEGIN;
+SELECT market.sku_create(:product, 'REF-GONE', 100, 'EUR') AS gone_sku \gset
+INSERT INTO market.order_lines (order_id, sku_id, warehouse_id, qty, unit_price_minor)
+VALUES (:ord, :gone_sku, :wh, 1, 100);
+DELETE FROM market.order_lines WHERE sku_id = :gone_sku;
+DELETE FROM market.skus WHERE id = :gone_sku;
+INSERT INTO market.order_lines (order_id, sku_id, warehouse_id, qty, unit_price_minor)
+VALUES (:ord, :gone_sku, :wh, 1, 100);                                   -- 23503
+ROLLBACK;
 -- the protocol: a delete holds SHARE on the referring tables until it ends
 BEGIN;
 DELETE FROM market.warehouses WHERE id = :idle_wh;

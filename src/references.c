@@ -46,7 +46,9 @@
  * the child table, so by the protocol the parent row cannot go before it
  * ends (and its own delete would find its own child rows).  A lock taken
  * in a subtransaction that aborts is released, so a subtransaction abort
- * forgets everything; so does the end of the transaction.  A checkout
+ * forgets everything; so does the end of the transaction, and so does
+ * references_guard (this transaction may delete a parent it found, once
+ * its own rows that referred to it are gone).  A checkout
  * chunk of the batch worker refers to the same sellers, warehouse and
  * popular SKUs hundreds of times in one statement.
  *
@@ -147,15 +149,23 @@ found_parents_xact_callback(XactEvent event, void *arg)
 		forget_found_parents();
 }
 
+/* drop_found_parents forgets them within the transaction. */
 static void
-found_parents_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
-							   SubTransactionId parentSubid, void *arg)
+drop_found_parents(void)
 {
-	if (event == SUBXACT_EVENT_ABORT_SUB && found_parents != NULL)
+	if (found_parents != NULL)
 	{
 		hash_destroy(found_parents);
 		found_parents = NULL;
 	}
+}
+
+static void
+found_parents_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+							   SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		drop_found_parents();
 }
 
 /*
@@ -552,6 +562,12 @@ market_references_guard(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("market.references_guard() must fire BEFORE DELETE OR UPDATE FOR EACH ROW or BEFORE TRUNCATE")));
 	set = *reference_set(trigdata, true);	/* a copy, as in references_check */
+
+	/*
+	 * A parent this transaction found may be the one it now deletes (once
+	 * its own referring rows are gone): forget them all, a rare path.
+	 */
+	drop_found_parents();
 
 	if (!TRIGGER_FIRED_BY_TRUNCATE(event))
 	{
