@@ -13,7 +13,7 @@
  * every checkout refers to (the seller, the warehouse, a popular SKU),
  * turns into a multixact shared by all the transactions in flight.  A
  * three-line checkout made about 17 such checks; with them off, the batch
- * workers spent 29 % less CPU per checkout (docs/benchmarks.md).  Parents
+ * workers spent about 30 % less CPU per checkout (docs/benchmarks.md).  Parents
  * here are catalog rows and order heads, which are written once and are
  * not deleted in normal operation, so this file moves the cost of the
  * guarantee from every child write to the rare parent delete.
@@ -36,10 +36,10 @@
  *	  So a child row that found its parent was written by a transaction the
  *	  parent's deleter waits for and then sees, and a child write that
  *	  starts after the deleter took its lock waits for the deleter and then
- *	  no longer finds the parent.  The lock order is child table, then
- *	  parent row, on both sides; a deleter that itself holds ROW EXCLUSIVE
- *	  on a child table may deadlock with another such deleter, which the
- *	  deadlock detector resolves.
+ *	  no longer finds the parent.  The child side locks no row; the parent
+ *	  side takes the child tables' locks before it deletes its row.  A
+ *	  deleter that itself holds ROW EXCLUSIVE on a child table may deadlock
+ *	  with another such deleter, which the deadlock detector resolves.
  *
  * Found parents are remembered for the rest of the transaction, per
  * (child table, parent table, key): the transaction holds ROW EXCLUSIVE on
