@@ -131,6 +131,18 @@ CREATE TRIGGER ref_child_ok BEFORE INSERT OR UPDATE OF parent_id ON public.ref_c
 INSERT INTO public.ref_child VALUES (1, :seller, 'a'), (2, NULL, 'b');
 INSERT INTO public.ref_child VALUES (3, -1, 'c');                        -- 23503
 SELECT id, parent_id IS NOT NULL AS refers FROM public.ref_child ORDER BY id;
+-- the parents a transaction found are remembered up to 8192 keys: one that
+-- refers to 30,000 distinct parents keeps its memory small, and what is
+-- past the limit is still checked
+BEGIN;
+INSERT INTO market.sellers (name) SELECT 'Ref bulk ' || g FROM generate_series(1, 30000) AS g;
+INSERT INTO public.ref_child SELECT 1000 + row_number() OVER (ORDER BY id), id, 'bulk'
+  FROM market.sellers WHERE name LIKE 'Ref bulk %';
+SELECT count(*) AS bulk_rows FROM public.ref_child WHERE label = 'bulk';
+SELECT total_bytes < 1024 * 1024 AS found_parents_under_1_mb
+  FROM pg_backend_memory_contexts WHERE name = 'market found parents';
+INSERT INTO public.ref_child VALUES (99999, -2, 'past the limit');      -- 23503
+ROLLBACK;
 DROP TABLE public.ref_child;
 
 -- nothing above changed stock

@@ -94,6 +94,7 @@ PG_FUNCTION_INFO_V1(market_references_check);
 PG_FUNCTION_INFO_V1(market_references_guard);
 
 #define MAX_REFERENCES		4
+#define FOUND_PARENTS_MAX	8192	/* keys remembered per transaction at most */
 
 /*
  * One reference of a trigger: the column of the trigger's table, and the
@@ -169,14 +170,18 @@ found_parents_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 }
 
 /*
- * found_parent_entry returns the entry of (child, parent, key) in the
- * transaction's found parents, creating the table and the entry as needed;
- * *known says whether it was there.
+ * found_parent_known says whether (child, parent, key) is among the
+ * transaction's found parents, and enters it if not (the caller then checks
+ * it, and an error aborts the transaction or subtransaction, which forgets
+ * it).  At most FOUND_PARENTS_MAX are kept, so that a transaction writing
+ * millions of rows does not keep millions of keys: past that, new keys are
+ * only looked up.
  */
-static FoundParent *
-found_parent_entry(Oid child_relid, Oid parent_relid, Datum key, bool *known)
+static bool
+found_parent_known(Oid child_relid, Oid parent_relid, Datum key)
 {
 	FoundParent probe;
+	bool		known;
 
 	if (!found_callbacks_registered)
 	{
@@ -199,7 +204,10 @@ found_parent_entry(Oid child_relid, Oid parent_relid, Datum key, bool *known)
 	probe.child_relid = child_relid;
 	probe.parent_relid = parent_relid;
 	probe.key = key;
-	return hash_search(found_parents, &probe, HASH_ENTER, known);
+	if (hash_get_num_entries(found_parents) >= FOUND_PARENTS_MAX)
+		return hash_search(found_parents, &probe, HASH_FIND, NULL) != NULL;
+	(void) hash_search(found_parents, &probe, HASH_ENTER, &known);
+	return known;
 }
 
 /*
@@ -513,14 +521,9 @@ market_references_check(PG_FUNCTION_ARGS)
 			if (!old_null && DatumGetBool(OidFunctionCall2(ref->eq_proc, old, key)))
 				continue;
 		}
-		if (ref->key_by_value)
-		{
-			bool		known;
-
-			(void) found_parent_entry(RelationGetRelid(rel), ref->other_relid, key, &known);
-			if (known)
-				continue;
-		}
+		if (ref->key_by_value &&
+			found_parent_known(RelationGetRelid(rel), ref->other_relid, key))
+			continue;
 		if (!row_with_key(ref, key, AccessShareLock))
 		{
 			const char *column = NameStr(TupleDescAttr(desc, ref->own_attnum - 1)->attname);
