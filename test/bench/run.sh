@@ -34,6 +34,9 @@
 # baseline UPDATE took off (qty before - qty after), transactions for SELECT 1.
 # Rate = successes / the run time pgbench measured (without connection set-up).
 # Latency percentiles come from pgbench's per-transaction logs (-l).
+# CPU per success: the machine's busy time (/proc/stat) over a window inside
+# the measured one, over the successes completed in it; steadier than the
+# rate on a shared machine.
 # After each market run, SELECT count(*) FROM market.verify_inventory().
 #
 # Settings (environment):
@@ -347,6 +350,35 @@ window_stats() {
 	rm -f "$times" "$latencies"
 }
 
+# The machine's busy CPU time so far, in clock ticks (/proc/stat: user, nice,
+# system, irq, softirq, steal; idle and iowait left out).
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+
+# cpu_window DELAY LENGTH: after DELAY seconds prints "epoch busy_ticks",
+# and again LENGTH seconds later: the CPU window of a point, sampled while
+# pgbench runs (started in the background beside it).
+cpu_window() {
+	sleep "$1"
+	echo "$(date +%s.%N) $(busy_ticks)"
+	sleep "$2"
+	echo "$(date +%s.%N) $(busy_ticks)"
+}
+
+# cpu_per_success CPUFILE SUCCESS_RATIO LOG...: the machine's CPU time in
+# microseconds per success over the CPU window: busy ticks between its two
+# samples over the transactions that completed between them (pgbench -l),
+# times the successes per transaction.  "-" when the window is empty.
+cpu_per_success() {
+	local cpufile=$1 ratio=$2 t1 b1 t2 b2 n
+	shift 2
+	read -r t1 b1 < <(sed -n 1p "$cpufile")
+	read -r t2 b2 < <(sed -n 2p "$cpufile")
+	if [ -z "${b2:-}" ]; then echo -; return; fi
+	n=$(cat "$@" | awk -v a="$t1" -v b="$t2" '$3 ~ /^[0-9]+$/ { t = $5 + $6 / 1e6; if (t >= a && t < b) n++ } END { print n + 0 }')
+	awk -v db="$((b2 - b1))" -v hz="$(getconf CLK_TCK)" -v n="$n" -v r="$ratio" \
+		'BEGIN { if (n * r > 0) printf "%.0f", db / hz * 1e6 / (n * r); else print "-" }'
+}
+
 run_point() {
 	local scenario=$1 clients=$2 script=$3
 	local name="${scenario}-${clients}"
@@ -372,11 +404,16 @@ run_point() {
 	batch | zipfbatch) options="-c market.batch_reserve=on" ;;
 	buynowbatch) options="-c market.batch_checkout=on" ;;
 	esac
+	# the CPU window: from 1 s after the warm-up (connections take time) to
+	# 1 s before the end
+	cpu_window "$((BENCH_WARMUP + 1))" "$((BENCH_SECONDS > 3 ? BENCH_SECONDS - 2 : 1))" >"$dir/cpu" &
+	local sampler=$!
 	PGOPTIONS="$options" "$bindir/pgbench" -n -h "$work" -p "$BENCH_PORT" -M "$protocol" \
 		-c "$clients" -j "$threads" -T "$((BENCH_WARMUP + BENCH_SECONDS))" \
 		-l --log-prefix="$dir/log" \
 		-D sku="$base" -D flash="$((base + 1))" -D base="$base" -D nskus="$BENCH_SKUS" \
 		$(for f in $script; do printf -- '-f %s ' "$work/$f"; done) "$db" >"$dir/out" 2>"$dir/err" || rc=$?
+	wait "$sampler" 2>/dev/null || true
 
 	local processed tps aborted successes audit=-
 	processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$dir/out")
@@ -415,12 +452,16 @@ run_point() {
 		'BEGIN { if (n > 0 && t > 0) printf "%.0f", w * (s / n) / t; else print 0 }')
 	whole=$(awk -v s="$successes" -v n="$processed" -v t="$tps" \
 		'BEGIN { if (n > 0 && t > 0) printf "%.0f", s / (n / t); else print 0 }')
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+	local cpu_us
+	cpu_us=$(cpu_per_success "$dir/cpu" \
+		"$(awk -v s="$successes" -v n="$processed" 'BEGIN { if (n > 0) print s / n; else print 0 }')" \
+		"$dir"/log*)
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
 		"$scenario" "$clients" "$rate" "$p50" "$p95" "$p99" "$audit" "$aborted" \
-		"$successes" "$processed" "$whole" >>"$results"
+		"$successes" "$processed" "$whole" "$cpu_us" >>"$results"
 	echo "bench: $name: $successes successes, $processed transactions; after the ${BENCH_WARMUP} s warm-up" \
 		"$nwin transactions in $secs s: $rate/s, p50 $p50 ms, p95 $p95 ms, p99 $p99 ms;" \
-		"whole run $whole/s; audit violations $audit"
+		"whole run $whole/s; machine CPU per success $cpu_us us; audit violations $audit"
 	[ -n "${BENCH_KEEP:-}" ] || rm -f "$dir"/log*
 }
 
@@ -545,13 +586,13 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	}
 	function ratio(v, b) { return (b > 0) ? sprintf("%.2f", v / b) : "-" }
 	END {
-		print "| scenario | clients | successful/s | p50 ms | p95 ms | p99 ms | audit violations | aborted clients | vs baseline | vs SELECT 1 | whole run/s |"
-		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+		print "| scenario | clients | successful/s | p50 ms | p95 ms | p99 ms | audit violations | aborted clients | vs baseline | vs SELECT 1 | whole run/s | CPU µs/success |"
+		print "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 		for (i = 1; i <= NR; i++) {
 			split(rows[i], f, "\t")
-			printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+			printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 				label(f[1]), f[2], f[3], f[4], f[5], f[6], f[7], f[8],
-				ratio(f[3], bl[f[2]]), ratio(f[3], s1[f[2]]), f[11]
+				ratio(f[3], bl[f[2]]), ratio(f[3], s1[f[2]]), f[11], f[12]
 		}
 	}' "$results" >"$work/table.md"
 
@@ -568,6 +609,8 @@ awk -F'\t' -v zs="$BENCH_ZIPF_S" -v nskus="$BENCH_SKUS" '
 	echo "  the rate scaled by the run's successes counted in the database per transaction; whole run/s: the"
 	echo "  run's successes / its time measured by pgbench (warm-up included)"
 	echo "- vs baseline, vs SELECT 1: successful/s over that scenario's at the same client count"
+	echo "- CPU µs/success: the whole machine's busy CPU time (/proc/stat) from 1 s after the warm-up to 1 s"
+	echo "  before the end, over the successes completed in that time (pgbench, server, everything else)"
 	echo
 	cat "$work/table.md"
 	if [ -n "${expiry_lag:-}" ]; then
