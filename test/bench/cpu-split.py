@@ -16,7 +16,7 @@ Usage (as a user that may read the processes' /proc entries, e.g. root):
       [--count-sql "SELECT count(*) FROM market.order_groups"] [--user postgres] \\
       -- <pgbench arguments without -T, host, port or database>
 pgbench runs for settle + window + 3 seconds.  Example (docs/benchmarks.md):
-  test/bench/cpu-split.py --host /tmp/market-bench.X --port 55432 -- \\
+  test/bench/cpu-split.py --host "$KEPT_CLUSTER_DIR" --port 55432 -- \\
       -c 64 -j 2 -M prepared -D base=1 -D nskus=100000 -f buynow1.sql@1 ...
 """
 import argparse
