@@ -145,5 +145,18 @@ INSERT INTO public.ref_child VALUES (99999, -2, 'past the limit');      -- 23503
 ROLLBACK;
 DROP TABLE public.ref_child;
 
+-- the audit finds nothing while the triggers are on; rows written with
+-- them off (here as a replica applies them) are what it reports
+SELECT * FROM market.verify_references();
+BEGIN;
+SET LOCAL session_replication_role = replica;
+INSERT INTO market.order_lines (order_id, sku_id, warehouse_id, qty, unit_price_minor)
+VALUES (-11, :sku, :wh, 1, 100), (-11, :sku2, :wh, 1, 100), (:ord, -12, :wh, 1, 100);
+INSERT INTO market.orders (group_id, seller_id, customer_id, currency, subtotal_minor)
+VALUES (-13, :seller, 'ref-cust', 'EUR', 100);
+SELECT * FROM market.verify_references();
+ROLLBACK;
+SELECT count(*) AS after_rollback FROM market.verify_references();
+
 -- nothing above changed stock
 SELECT * FROM market.verify_inventory();

@@ -18,7 +18,7 @@ BEGIN;
 CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 
-SELECT plan(402);
+SELECT plan(404);
 
 -- ---------------------------------------------------------------------------
 -- extension, schema, roles
@@ -102,7 +102,7 @@ SELECT functions_are('market', ARRAY['seller_create', 'product_create', 'sku_cre
 	'stock_set', 'stock_adjust', 'available', 'reserve', 'reservation_extend', 'reservation_release',
 	'reservation_commit', 'expire_reservations', 'worker_status', 'verify_inventory', 'ledger_append_only',
 	'order_transition', 'order_transitions', 'order_view', 'order_guard', 'order_effects_set',
-	'order_transition_many', 'references_check', 'references_guard',
+	'order_transition_many', 'references_check', 'references_guard', 'verify_references',
 	'outbox_claim', 'outbox_ack', 'outbox_fail', 'outbox_retry', 'outbox_cleanup', 'outbox_status',
 	'outbox_notifier', 'outbox_wake', 'batch_status',
 	'cart_create', 'cart_set_item', 'cart_view', 'checkout_begin', 'checkout_complete', 'buy_now',
@@ -326,6 +326,10 @@ SELECT is_definer('market', 'idempotency_purge', ARRAY['integer']);
 SELECT isnt_definer('market', 'ledger_append_only', '{}'::name[]);
 SELECT isnt_definer('market', 'references_check', '{}'::name[]);
 SELECT isnt_definer('market', 'references_guard', '{}'::name[]);
+SELECT is_definer('market', 'verify_references', '{}'::name[]);
+SELECT is(pg_get_function_result('market.verify_references()'::regprocedure),
+	'TABLE(table_name text, column_name text, missing_key bigint, rows_referring bigint)',
+	'verify_references result columns');
 SELECT is_definer('market', 'order_transition', ARRAY['bigint', 'text', 'text']);
 SELECT is_definer('market', 'order_transitions', '{}'::name[]);
 SELECT is_definer('market', 'order_view', ARRAY['bigint']);
@@ -381,7 +385,8 @@ SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 		  NULL, 'no market function claims to be IMMUTABLE');
 SELECT is((SELECT array_agg(p.proname::text ORDER BY p.proname) FROM pg_proc p
 			WHERE p.pronamespace = 'market'::regnamespace AND p.provolatile = 's'),
-		  ARRAY['available', 'cart_view', 'order_transitions', 'order_view', 'payment_view', 'verify_inventory'],
+		  ARRAY['available', 'cart_view', 'order_transitions', 'order_view', 'payment_view', 'verify_inventory',
+				'verify_references'],
 		  'only the read-only functions are STABLE');
 SELECT is((SELECT count(*)::int FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
 			WHERE p.pronamespace = 'market'::regnamespace AND NOT r.rolsuper),

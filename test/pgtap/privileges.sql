@@ -19,7 +19,7 @@ CREATE EXTENSION pgtap;
 CREATE EXTENSION market;
 CREATE ROLE regress_market_nobody NOLOGIN;
 
-SELECT plan(393);
+SELECT plan(397);
 
 -- ---------------------------------------------------------------------------
 -- the schema
@@ -106,6 +106,7 @@ INSERT INTO fn VALUES
 	('order_transition_many', ARRAY['bigint[]', 'text', 'text[]'], false, true),
 	('references_check', '{}', false, false),
 	('references_guard', '{}', false, false),
+	('verify_references', '{}', false, true),
 	('outbox_claim', ARRAY['text', 'integer', 'text', 'interval'], true, true),
 	('outbox_ack', ARRAY['bigint[]', 'text'], true, true),
 	('outbox_fail', ARRAY['bigint', 'text', 'text', 'interval'], true, true),
