@@ -315,7 +315,8 @@ primary_key_column(Relation rel)
 
 /*
  * resolve_reference fills ref for the column own_column of rel and the
- * column other_column of the table named other_table (schema-qualified).
+ * column other_column of the table named other_table (schema-qualified);
+ * other_column NULL means that table's primary key column.
  */
 static void
 resolve_reference(Reference *ref, Relation rel, const char *own_column,
@@ -327,6 +328,8 @@ resolve_reference(Reference *ref, Relation rel, const char *own_column,
 	Oid			opfamily;
 	Oid			eq_op;
 
+	if (other_column == NULL)
+		other_column = primary_key_column(other);
 	ref->own_attnum = column_of(rel, own_column);
 	ref->other_relid = RelationGetRelid(other);
 	ref->other_attnum = column_of(other, other_column);
@@ -417,13 +420,7 @@ reference_set(TriggerData *trigdata, bool parent_side)
 			if (parent_side)
 				resolve_reference(&built.refs[i], rel, key_column, first, second);
 			else
-			{
-				Relation	parent = open_named(second);
-				char	   *pk_column = primary_key_column(parent);
-
-				table_close(parent, AccessShareLock);
-				resolve_reference(&built.refs[i], rel, first, second, pk_column);
-			}
+				resolve_reference(&built.refs[i], rel, first, second, NULL);
 		}
 		/* an invalidation taken meanwhile only marks it stale: still there */
 		set = hash_search(reference_sets, &trigger->tgoid, HASH_ENTER, &found);
