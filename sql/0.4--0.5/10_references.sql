@@ -100,52 +100,45 @@ CREATE TRIGGER warehouses_referenced_truncate
 ALTER TABLE market.idempotency_keys SET (fillfactor = 15);
 
 -- ---------------------------------------------------------------------------
--- The audit of the references: rows of the order tables whose parent is
--- missing.  The triggers above keep it empty; it finds what got in with
+-- The audit of the references: rows of the referring tables whose parent
+-- is missing.  The triggers above keep it empty; it finds what got in with
 -- triggers off (session_replication_role = replica, DISABLE TRIGGER), as
 -- verify_inventory() does for stock.  One row per (table, column, missing
--- key), with how many rows refer to it.  Scans the order tables: an
+-- key), with how many rows refer to it.  The references are read from the
+-- references_check triggers' own arguments, so that the audit covers
+-- exactly what the triggers check.  Scans the referring tables: an
 -- administrator's check, not for the hot path.
 -- ---------------------------------------------------------------------------
 
 CREATE FUNCTION market.verify_references()
 RETURNS TABLE (table_name text, column_name text, missing_key bigint, rows_referring bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-	SELECT 'orders', 'group_id', o.group_id, count(*)
-	  FROM market.orders o
-	 WHERE NOT EXISTS (SELECT 1 FROM market.order_groups g WHERE g.id = o.group_id)
-	 GROUP BY o.group_id
-	UNION ALL
-	SELECT 'orders', 'seller_id', o.seller_id, count(*)
-	  FROM market.orders o
-	 WHERE NOT EXISTS (SELECT 1 FROM market.sellers s WHERE s.id = o.seller_id)
-	 GROUP BY o.seller_id
-	UNION ALL
-	SELECT 'order_lines', 'order_id', l.order_id, count(*)
-	  FROM market.order_lines l
-	 WHERE NOT EXISTS (SELECT 1 FROM market.orders o WHERE o.id = l.order_id)
-	 GROUP BY l.order_id
-	UNION ALL
-	SELECT 'order_lines', 'sku_id', l.sku_id, count(*)
-	  FROM market.order_lines l
-	 WHERE NOT EXISTS (SELECT 1 FROM market.skus k WHERE k.id = l.sku_id)
-	 GROUP BY l.sku_id
-	UNION ALL
-	SELECT 'order_lines', 'warehouse_id', l.warehouse_id, count(*)
-	  FROM market.order_lines l
-	 WHERE NOT EXISTS (SELECT 1 FROM market.warehouses w WHERE w.id = l.warehouse_id)
-	 GROUP BY l.warehouse_id
-	UNION ALL
-	SELECT 'order_events', 'order_id', e.order_id, count(*)
-	  FROM market.order_events e
-	 WHERE NOT EXISTS (SELECT 1 FROM market.orders o WHERE o.id = e.order_id)
-	 GROUP BY e.order_id
-	UNION ALL
-	SELECT 'payments', 'group_id', p.group_id, count(*)
-	  FROM market.payments p
-	 WHERE NOT EXISTS (SELECT 1 FROM market.order_groups g WHERE g.id = p.group_id)
-	 GROUP BY p.group_id
-	 ORDER BY 1, 2, 3
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	ref record;
+BEGIN
+	FOR ref IN
+		SELECT c.relname::text AS child, a.args[2 * i - 1] AS child_column,
+			   a.args[2 * i] AS parent,
+			   (SELECT pa.attname::text FROM pg_index x
+				  JOIN pg_attribute pa ON pa.attrelid = x.indrelid AND pa.attnum = x.indkey[0]
+				 WHERE x.indrelid = a.args[2 * i]::regclass AND x.indisprimary) AS parent_column
+		  FROM pg_trigger t
+		  JOIN pg_class c ON c.oid = t.tgrelid
+		 CROSS JOIN LATERAL (SELECT string_to_array(rtrim(encode(t.tgargs, 'escape'), '\000'), '\000')) AS a(args)
+		 CROSS JOIN LATERAL generate_series(1, t.tgnargs / 2) AS i
+		 WHERE t.tgfoid = 'market.references_check()'::regprocedure
+		   AND c.relnamespace = 'market'::regnamespace
+		 ORDER BY 1, 2
+	LOOP
+		RETURN QUERY EXECUTE format(
+			'SELECT %L::text, %L::text, r.%I::bigint, count(*) FROM market.%I r'
+			' WHERE r.%I IS NOT NULL AND NOT EXISTS (SELECT 1 FROM %s p WHERE p.%I = r.%I)'
+			' GROUP BY r.%I ORDER BY 3',
+			ref.child, ref.child_column, ref.child_column, ref.child,
+			ref.child_column, ref.parent, ref.parent_column, ref.child_column,
+			ref.child_column);
+	END LOOP;
+END
 $$;
 
 REVOKE ALL ON FUNCTION market.verify_references() FROM PUBLIC;
