@@ -716,6 +716,8 @@ request_to_buy_now(BatchRequest *req, MarketBuyNow *mb)
 	mb->nlines = req->nlines;
 	mb->lines = palloc(sizeof(ReserveLine) * req->nlines);
 	memcpy(mb->lines, req->lines, sizeof(ReserveLine) * req->nlines);
+	mb->key_claimed = false;
+	mb->prices = NULL;
 	mb->fingerprint = palloc(VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
 	SET_VARSIZE(mb->fingerprint, VARHDRSZ + PG_SHA256_DIGEST_LENGTH);
 	memcpy(VARDATA(mb->fingerprint), req->fingerprint, PG_SHA256_DIGEST_LENGTH);
@@ -737,6 +739,85 @@ act_as(Oid session_user, Oid current_user, int sec_context)
 }
 
 /*
+ * prepare_chunk does for the chunk's checkouts what is cheaper done once for
+ * all of them: it rebuilds each buy_now request (mbs[i]; NULL for a
+ * reservation), reads the prices of all their SKUs into one price book,
+ * and claims all their idempotency keys with one statement (the first
+ * request of each customer and key only).  The claim runs in a
+ * subtransaction: if it fails, for instance because another session's
+ * unfinished request holds one of the keys past the lock_timeout, nothing
+ * is claimed and every checkout claims its own key when it is applied.
+ * Caller is inside SPI, in the batch's transaction.
+ */
+static void
+prepare_chunk(BatchAnswer *answers, int n, MarketBuyNow **mbs, MemoryContext cxt)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	ResourceOwner outer_owner = CurrentResourceOwner;
+	MarketBuyNow **buys = palloc(sizeof(MarketBuyNow *) * Max(n, 1));
+	MarketBuyNow **claims = palloc(sizeof(MarketBuyNow *) * Max(n, 1));
+	int			nbuys = 0;
+	int			nclaims = 0;
+	HTAB	   *book;
+
+	for (int i = 0; i < n; i++)
+	{
+		BatchRequest *req = &batch_requests[answers[i].procno];
+		bool		repeated = false;
+
+		mbs[i] = NULL;
+		if (req->kind != BK_BUY_NOW)
+			continue;
+		mbs[i] = MemoryContextAlloc(cxt, sizeof(MarketBuyNow));
+		MemoryContextSwitchTo(cxt);
+		request_to_buy_now(req, mbs[i]);
+		MemoryContextSwitchTo(outer);
+		buys[nbuys++] = mbs[i];
+		for (int c = 0; c < nclaims && !repeated; c++)
+			repeated = VARSIZE(claims[c]->key) == VARSIZE(mbs[i]->key) &&
+				VARSIZE(claims[c]->customer) == VARSIZE(mbs[i]->customer) &&
+				memcmp(claims[c]->key, mbs[i]->key, VARSIZE(mbs[i]->key)) == 0 &&
+				memcmp(claims[c]->customer, mbs[i]->customer, VARSIZE(mbs[i]->customer)) == 0;
+		if (!repeated)
+			claims[nclaims++] = mbs[i];
+	}
+	if (nbuys == 0)
+		return;
+
+	book = market_price_book(buys, nbuys, cxt);
+	for (int b = 0; b < nbuys; b++)
+		buys[b]->prices = book;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(outer);
+	PG_TRY();
+	{
+		market_claim_keys(claims, nclaims);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = outer_owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = outer_owner;
+		for (int c = 0; c < nclaims; c++)
+			claims[c]->key_claimed = false;
+		ereport(DEBUG1,
+				(errmsg_internal("market batch worker: claiming %d idempotency keys at once failed, each checkout claims its own: %s",
+								 nclaims, edata->message)));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+}
+
+/*
  * apply_buy_now runs one buy_now in a subtransaction of the batch's
  * transaction, as its requester: success leaves its rows in the batch and
  * the response in the answer; an error is the answer and undoes only this
@@ -748,7 +829,7 @@ act_as(Oid session_user, Oid current_user, int sec_context)
  * checkout of the chunk in one statement.
  */
 static bool
-apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt,
+apply_buy_now(BatchAnswer *ans, BatchRequest *req, MarketBuyNow *mb, MemoryContext cxt,
 			  MarketBuyNowPending **pending)
 {
 	volatile bool prepared = false;
@@ -757,13 +838,15 @@ apply_buy_now(BatchAnswer *ans, BatchRequest *req, MemoryContext cxt,
 	Oid			own_session = GetSessionUserId();
 	Oid			save_userid;
 	int			save_sec;
-	MarketBuyNow *mb;
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
-	mb = MemoryContextAlloc(cxt, sizeof(MarketBuyNow));
-	MemoryContextSwitchTo(cxt);
-	request_to_buy_now(req, mb);
-	MemoryContextSwitchTo(outer);
+	if (mb == NULL)
+	{
+		mb = MemoryContextAlloc(cxt, sizeof(MarketBuyNow));
+		MemoryContextSwitchTo(cxt);
+		request_to_buy_now(req, mb);
+		MemoryContextSwitchTo(outer);
+	}
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(outer);
@@ -904,6 +987,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 	HASHCTL		ctl;
 	HTAB	   *estimates;
 	MarketBuyNowPending **pending;
+	MarketBuyNow **mbs;
 	int		   *pending_at;
 	int		   *deferred;
 	int			npending = 0;
@@ -919,6 +1003,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 	pending = MemoryContextAlloc(cxt, sizeof(MarketBuyNowPending *) * Max(n, 1));
 	pending_at = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
 	deferred = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
+	mbs = MemoryContextAlloc(cxt, sizeof(MarketBuyNow *) * Max(n, 1));
 
 	PG_TRY();
 	{
@@ -927,6 +1012,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		pgstat_report_activity(STATE_RUNNING, "market: applying a batch of reservations and checkouts");
+		prepare_chunk(answers, n, mbs, cxt);
 
 		for (int i = 0; i < n; i++)
 		{
@@ -938,8 +1024,10 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 			{
 				if (same_key_pending(req, answers, pending_at, npending))
 					deferred[ndeferred++] = i;
-				else if (apply_buy_now(&answers[i], req, cxt, &pending[npending]))
+				else if (apply_buy_now(&answers[i], req, mbs[i], cxt, &pending[npending]))
 					pending_at[npending++] = i;
+				else if (mbs[i]->key_claimed)
+					market_release_keys(&mbs[i], 1);	/* failed: free the key for a retry */
 				continue;
 			}
 			shortl = short_line(estimates, req, &available);
@@ -956,7 +1044,7 @@ apply_batch(BatchAnswer *answers, int n, MemoryContext cxt)
 		write_pending(answers, pending, pending_at, npending, cxt);
 		for (int d = 0; d < ndeferred; d++)
 			apply_buy_now(&answers[deferred[d]], &batch_requests[answers[deferred[d]].procno],
-						  cxt, NULL);
+						  mbs[deferred[d]], cxt, NULL);
 
 		SPI_finish();
 		PopActiveSnapshot();
@@ -1006,7 +1094,7 @@ apply_one(BatchAnswer *ans, MemoryContext cxt)
 		SPI_connect();
 		PushActiveSnapshot(GetTransactionSnapshot());
 		if (req->kind == BK_BUY_NOW)
-			apply_buy_now(ans, req, cxt, NULL);
+			apply_buy_now(ans, req, NULL, cxt, NULL);
 		else
 			market_reserve_lines(req->lines, req->nlines, req->ttl_usecs,
 								 request_owner(req), &ans->id, NULL, NULL);

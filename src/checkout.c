@@ -48,6 +48,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -835,6 +836,8 @@ market_buy_now(PG_FUNCTION_ARGS)
 	parse_payment(fcinfo, 3, &pay);
 	req.method = pay.method;
 	req.psp = pay.psp;
+	req.key_claimed = false;
+	req.prices = NULL;
 	req.currency = NULL;
 	if (PG_ARGISNULL(4))
 		currency_str = "NULL";
@@ -973,6 +976,21 @@ market_buy_now(PG_FUNCTION_ARGS)
 	"   ORDER BY gc.idx)" \
 	" SELECT r.idx, r.doc FROM r ORDER BY r.idx"
 
+/* the price, currency and seller of SKUs $1 (bigint[]), in SKU order */
+#define SKUS_SQL \
+	"SELECT k.id, k.price_minor, k.currency, p.seller_id" \
+	"  FROM market.skus k JOIN market.products p ON p.id = k.product_id" \
+	" WHERE k.id = ANY ($1) ORDER BY k.id"
+
+/* one SKU of a price book (market_price_book) */
+typedef struct PriceEntry
+{
+	int64		sku_id;			/* hash key */
+	int64		price_minor;
+	int64		seller_id;
+	char		currency[4];
+} PriceEntry;
+
 /* what a prepared buy_now leaves for market_buy_now_write */
 struct MarketBuyNowPending
 {
@@ -983,6 +1001,32 @@ struct MarketBuyNowPending
 	SlotTake   *takes;
 	int			ntakes;
 };
+
+/*
+ * freeze_sku checks that a SKU of a buy_now is priced in the purchase's
+ * currency (MK026 otherwise) and freezes its price, seller and the
+ * quantity of all its lines.
+ */
+static void
+freeze_sku(FrozenLines *frozen, MarketBuyNow *req, int64 sku_id, int64 price,
+		   const char *sku_currency, int64 seller_id)
+{
+	const char *currency = VARDATA_ANY(req->currency);
+	int64		qty = 0;
+
+	if (VARSIZE_ANY_EXHDR(req->currency) != strlen(sku_currency) ||
+		memcmp(currency, sku_currency, strlen(sku_currency)) != 0)
+		ereport(ERROR,
+				(errcode(MK_CURRENCY_MISMATCH),
+				 errmsg("currency mismatch"),
+				 errdetail("SKU %lld is priced in %s; the purchase is in %s.",
+						   (long long) sku_id, sku_currency, text_to_cstring(req->currency)),
+				 errhint("Buy SKUs of one currency at a time, and pass it as currency.")));
+	for (int i = 0; i < req->nlines; i++)
+		if (req->lines[i].sku_id == sku_id)
+			qty += req->lines[i].qty;
+	frozen_add(frozen, sku_id, qty, price, seller_id);
+}
 
 /*
  * market_buy_now_prepare runs the first part of a validated buy_now:
@@ -1000,7 +1044,6 @@ market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Dat
 	MemoryContext caller = CurrentMemoryContext;
 	ReserveLine *lines = req->lines;
 	int			nlines = req->nlines;
-	char	   *currency_str = text_to_cstring(req->currency);
 	int			nskus = 0;
 	Datum	   *sku_list;
 	MarketBuyNowPending *pending = palloc0(sizeof(MarketBuyNowPending));
@@ -1018,51 +1061,55 @@ market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Dat
 			sku_list[nskus++] = Int64GetDatum(lines[i].sku_id);
 
 	SPI_connect();
-	if (!claim_key(req->customer, req->key, "buy_now", req->fingerprint, response))
+	if (!req->key_claimed &&
+		!claim_key(req->customer, req->key, "buy_now", req->fingerprint, response))
 	{
 		SPI_finish();
 		return false;
 	}
 
-	/* prices and sellers, frozen now */
-	market_prepare(&skus_plan,
-				   "SELECT k.id, k.price_minor, k.currency, p.seller_id"
-				   "  FROM market.skus k JOIN market.products p ON p.id = k.product_id"
-				   " WHERE k.id = ANY ($1) ORDER BY k.id",
-				   1, types);
-	values[0] = int8_array(sku_list, nskus);
-	if (SPI_execute_plan(skus_plan, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "market: could not read the SKUs");
-	for (int s = 0; s < nskus; s++)
+	/*
+	 * Prices and sellers, frozen now: from the chunk's price book when it
+	 * has every SKU, else read here (which also names an unknown SKU).
+	 */
+	for (int s = 0; s < nskus && req->prices != NULL; s++)
 	{
 		int64		sku_id = DatumGetInt64(sku_list[s]);
-		int64		qty = 0;
-		bool		isnull;
-		HeapTuple	tup;
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *sku_currency;
+		PriceEntry *e = hash_search(req->prices, &sku_id, HASH_FIND, NULL);
 
-		if (row >= (int) SPI_processed ||
-			DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[row], desc, 1, &isnull)) != sku_id)
-			ereport(ERROR,
-					(errcode(MK_UNKNOWN_SKU),
-					 errmsg("unknown sku"),
-					 errdetail("No SKU has id %lld.", (long long) sku_id)));
-		tup = SPI_tuptable->vals[row++];
-		sku_currency = SPI_getvalue(tup, desc, 3);
-		if (strcmp(sku_currency, currency_str) != 0)
-			ereport(ERROR,
-					(errcode(MK_CURRENCY_MISMATCH),
-					 errmsg("currency mismatch"),
-					 errdetail("SKU %lld is priced in %s; the purchase is in %s.",
-							   (long long) sku_id, sku_currency, currency_str),
-					 errhint("Buy SKUs of one currency at a time, and pass it as currency.")));
-		for (int i = 0; i < nlines; i++)
-			if (lines[i].sku_id == sku_id)
-				qty += lines[i].qty;
-		frozen_add(&pending->frozen, sku_id, qty,
-				   DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull)),
-				   DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull)));
+		if (e == NULL)
+		{
+			pending->frozen.n = 0;
+			pending->frozen.total = 0;
+			break;
+		}
+		freeze_sku(&pending->frozen, req, sku_id, e->price_minor, e->currency, e->seller_id);
+	}
+	if (pending->frozen.n < nskus)
+	{
+		market_prepare(&skus_plan, SKUS_SQL, 1, types);
+		values[0] = int8_array(sku_list, nskus);
+		if (SPI_execute_plan(skus_plan, values, NULL, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "market: could not read the SKUs");
+		for (int s = 0; s < nskus; s++)
+		{
+			int64		sku_id = DatumGetInt64(sku_list[s]);
+			bool		isnull;
+			HeapTuple	tup;
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+
+			if (row >= (int) SPI_processed ||
+				DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[row], desc, 1, &isnull)) != sku_id)
+				ereport(ERROR,
+						(errcode(MK_UNKNOWN_SKU),
+						 errmsg("unknown sku"),
+						 errdetail("No SKU has id %lld.", (long long) sku_id)));
+			tup = SPI_tuptable->vals[row++];
+			freeze_sku(&pending->frozen, req, sku_id,
+					   DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull)),
+					   SPI_getvalue(tup, desc, 3),
+					   DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull)));
+		}
 	}
 
 	/* the units, taken from their slots; the write sells them */
@@ -1224,6 +1271,175 @@ market_buy_now_apply(MarketBuyNow *req)
 	if (market_buy_now_prepare(req, &pending, &response))
 		market_buy_now_write(&pending, 1, &response);
 	return response;
+}
+
+/* ---------------------------------------------------------------------------
+ * chunks: what the batch worker does once for many checkouts
+ * ---------------------------------------------------------------------------
+ */
+
+/*
+ * market_price_book reads the price, currency and seller of every SKU the
+ * n requests buy, in one statement, and returns them as a hash table keyed
+ * by SKU id, allocated in cxt.  A SKU that does not exist is simply not in
+ * it (market_buy_now_prepare then reads the request's SKUs itself and
+ * names it).  Caller is inside SPI.
+ */
+HTAB *
+market_price_book(MarketBuyNow **reqs, int n, MemoryContext cxt)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[1] = {INT8ARRAYOID};
+	Datum		values[1];
+	HASHCTL		ctl;
+	HTAB	   *book;
+	Datum	   *skus;
+	int			nskus = 0;
+	int			total = 0;
+
+	for (int r = 0; r < n; r++)
+		total += reqs[r]->nlines;
+	skus = palloc(sizeof(Datum) * Max(total, 1));
+	for (int r = 0; r < n; r++)
+		for (int i = 0; i < reqs[r]->nlines; i++)
+			skus[nskus++] = Int64GetDatum(reqs[r]->lines[i].sku_id);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = sizeof(PriceEntry);
+	ctl.hcxt = cxt;
+	book = hash_create("market price book", Max(nskus, 16), &ctl,
+					   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+
+	market_prepare(&plan, SKUS_SQL, 1, types);
+	values[0] = int8_array(skus, nskus);
+	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "market: could not read the SKUs of a chunk");
+	for (uint64 row = 0; row < SPI_processed; row++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[row];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int64		sku_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		PriceEntry *e = hash_search(book, &sku_id, HASH_ENTER, NULL);
+		char	   *currency = SPI_getvalue(tup, desc, 3);
+
+		e->price_minor = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		e->seller_id = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
+		strlcpy(e->currency, currency, sizeof(e->currency));
+		if (strlen(currency) >= sizeof(e->currency))	/* not a code: let the query path see it */
+			hash_search(book, &sku_id, HASH_REMOVE, NULL);
+	}
+	return book;
+}
+
+/* customer_key_arrays builds the text[] of the customers and of the keys of n requests. */
+static void
+customer_key_arrays(MarketBuyNow **reqs, int n, Datum *customers, Datum *keys)
+{
+	Datum	   *c = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *k = palloc(sizeof(Datum) * Max(n, 1));
+
+	for (int i = 0; i < n; i++)
+	{
+		c[i] = PointerGetDatum(reqs[i]->customer);
+		k[i] = PointerGetDatum(reqs[i]->key);
+	}
+	*customers = text_array(c, NULL, n);
+	*keys = text_array(k, NULL, n);
+}
+
+/* same_text says whether two text datums hold the same bytes. */
+static bool
+same_text(text *a, text *b)
+{
+	return VARSIZE_ANY_EXHDR(a) == VARSIZE_ANY_EXHDR(b) &&
+		memcmp(VARDATA_ANY(a), VARDATA_ANY(b), VARSIZE_ANY_EXHDR(a)) == 0;
+}
+
+/*
+ * market_claim_keys inserts the idempotency keys of n buy_now requests with
+ * one statement and sets key_claimed on each request whose key it
+ * inserted; a key that exists already is left alone, for claim_key to
+ * replay or refuse.  The (customer, key) pairs must be distinct.  Keys are
+ * inserted in (customer, key) order.  Like claim_key's INSERT, it waits for
+ * an unfinished transaction that inserted one of the keys, so the batch
+ * worker runs it in a subtransaction under its lock_timeout and, if it
+ * fails, claims every key one by one instead.  Whoever then fails after
+ * its key was claimed here must give the key back (market_release_keys).
+ * Caller is inside SPI.
+ */
+void
+market_claim_keys(MarketBuyNow **reqs, int n)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[3] = {TEXTARRAYOID, TEXTARRAYOID, BYTEAARRAYOID};
+	Datum		values[3];
+	Datum	   *fps = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *claimed = palloc0(sizeof(bool) * Max(n, 1));
+
+	market_prepare(&plan,
+				   "INSERT INTO market.idempotency_keys (customer_id, key, operation, fingerprint)"
+				   " SELECT u.customer_id, u.key, 'buy_now', u.fingerprint"
+				   "   FROM unnest($1, $2, $3) AS u(customer_id, key, fingerprint)"
+				   "  ORDER BY u.customer_id, u.key"
+				   " ON CONFLICT (customer_id, key) DO NOTHING"
+				   " RETURNING customer_id, key",
+				   3, types);
+	customer_key_arrays(reqs, n, &values[0], &values[1]);
+	for (int i = 0; i < n; i++)
+		fps[i] = PointerGetDatum(reqs[i]->fingerprint);
+	values[2] = PointerGetDatum(construct_array(fps, n, BYTEAOID, -1, false, TYPALIGN_INT));
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "market: could not claim the idempotency keys of a chunk");
+
+	/* which requests were inserted (n is at most a chunk: compare them all) */
+	for (uint64 row = 0; row < SPI_processed; row++)
+	{
+		bool		isnull;
+		text	   *customer = DatumGetTextPP(SPI_getbinval(SPI_tuptable->vals[row],
+															SPI_tuptable->tupdesc, 1, &isnull));
+		text	   *key = DatumGetTextPP(SPI_getbinval(SPI_tuptable->vals[row],
+													   SPI_tuptable->tupdesc, 2, &isnull));
+
+		for (int i = 0; i < n; i++)
+			if (!claimed[i] && same_text(reqs[i]->key, key) && same_text(reqs[i]->customer, customer))
+			{
+				claimed[i] = true;
+				break;
+			}
+	}
+	/* only once the statement has succeeded: a failure claims nothing */
+	for (int i = 0; i < n; i++)
+		reqs[i]->key_claimed = claimed[i];
+}
+
+/*
+ * market_release_keys deletes the unanswered key rows of n requests whose
+ * keys market_claim_keys inserted and which then failed (their own
+ * subtransaction rolled back, but the key was inserted outside it), so
+ * that the key is free again as after any failed request.  Caller is
+ * inside SPI.
+ */
+void
+market_release_keys(MarketBuyNow **reqs, int n)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {TEXTARRAYOID, TEXTARRAYOID};
+	Datum		values[2];
+
+	if (n == 0)
+		return;
+	market_prepare(&plan,
+				   "DELETE FROM market.idempotency_keys k"
+				   " USING unnest($1, $2) AS u(customer_id, key)"
+				   " WHERE k.customer_id = u.customer_id AND k.key = u.key AND k.response IS NULL",
+				   2, types);
+	customer_key_arrays(reqs, n, &values[0], &values[1]);
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "market: could not release the idempotency keys of %d failed checkouts", n);
+	for (int i = 0; i < n; i++)
+		reqs[i]->key_claimed = false;
 }
 
 /* ---------------------------------------------------------------------------

@@ -186,6 +186,9 @@ typedef struct MarketBuyNow
 	ReserveLine *lines;			/* sorted by SKU */
 	int			nlines;
 	bytea	   *fingerprint;	/* sha256 of the request */
+	/* set by the batch worker for a chunk of checkouts; false / NULL otherwise */
+	bool		key_claimed;	/* its key row is inserted already (market_claim_keys) */
+	struct HTAB *prices;		/* the chunk's price book (market_price_book) */
 } MarketBuyNow;
 
 #define MARKET_MAX_CUSTOMER_CHARS	200
@@ -200,6 +203,9 @@ typedef struct MarketBuyNowPending MarketBuyNowPending;
 extern bool market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending,
 								   Datum *response);
 extern void market_buy_now_write(MarketBuyNowPending **pending, int n, Datum *responses);
+extern struct HTAB *market_price_book(MarketBuyNow **reqs, int n, MemoryContext cxt);
+extern void market_claim_keys(MarketBuyNow **reqs, int n);
+extern void market_release_keys(MarketBuyNow **reqs, int n);
 
 /* src/batch.c: the batched reservation path and its worker */
 extern bool market_batch_reserve;

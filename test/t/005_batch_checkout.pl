@@ -247,6 +247,69 @@ is( $node->safe_psql('postgres',
 		  WHERE g.customer_id = 'dup'}),
 	'1 1', 'one order group for the key, and its response stored');
 
+# 3c. a key held by a direct buy_now that has not committed yet, sent again
+# batched from four sessions while eight others buy with keys of their own:
+# a batch claims its chunk's keys with one statement, which waits for the
+# holder, runs out of the batch's lock_timeout and gives way to a claim per
+# checkout; every other checkout is made, and once the holder commits the
+# copies of its key replay its response
+$node->safe_psql('postgres', 'SELECT market.stock_set(2, 1, 200)');
+$node->safe_psql('postgres', 'ALTER SYSTEM SET log_min_messages = debug1');
+$node->reload;
+my $log_offset = -s $node->logfile;
+my $holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN');
+my $held_group = $holder->query_safe(
+	q{SELECT market.buy_now('held', '[{"sku_id": 2, "qty": 1}]', 'held-key', '{"method": "pm_card_visa"}', 'EUR') ->> 'order_group'});
+my @copies;
+{
+	local $ENV{PGOPTIONS} = '-c market.batch_checkout=on';
+	for my $i (1 .. 4)
+	{
+		my %c = (out => '', err => '');
+		$c{h} = IPC::Run::start(
+			[
+				'psql', '-X', '-A', '-t', '-d', $node->connstr('postgres') . ' user=shopper', '-c',
+				q{SELECT market.buy_now('held', '[{"sku_id": 2, "qty": 1}]', 'held-key', '{"method": "pm_card_visa"}', 'EUR') ->> 'order_group'}
+			],
+			'<', \undef, '>', \$c{out}, '2>', \$c{err});
+		push @copies, \%c;
+	}
+	my $script = "${PostgreSQL::Test::Utils::tmp_check}/held_key_others.sql";
+	PostgreSQL::Test::Utils::append_to_file($script,
+		q{SELECT market.buy_now('other-' || :client_id, '[{"sku_id": 2, "qty": 1}]', gen_random_uuid()::text, '{"method": "pm_card_visa"}', 'EUR');
+});
+	my %o = (out => '', err => '');
+	$o{h} = IPC::Run::start(
+		[ 'pgbench', '-n', '-c', '8', '-j', '2', '-t', '10', '-f', $script, '-U', 'shopper', $node->connstr('postgres') ],
+		'<', \undef, '>', \$o{out}, '2>', \$o{err});
+	push @copies, \%o;
+}
+my $fell_back = 0;
+for (1 .. 300)
+{
+	$fell_back = 1 if slurp_file($node->logfile, $log_offset) =~ /claiming \d+ idempotency keys at once failed/;
+	last if $fell_back;
+	usleep(100_000);
+}
+ok($fell_back, 'the one-statement claim of a chunk holding the uncommitted key gave way to claims per checkout');
+$holder->query_safe('COMMIT');
+$holder->quit;
+$_->{h}->finish for @copies;
+my $others = pop @copies;
+like($others->{out}, qr{processed: 80/80}, 'the other checkouts sent meanwhile were all made')
+  or diag($others->{err});
+is_deeply([ map { $_->{out} =~ s/\s+//gr } @copies ], [ ($held_group) x 4 ],
+	'the four batched copies of the held key replay its order group');
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM market.order_groups WHERE customer_id = 'held'}),
+	'1', 'one checkout for the held key');
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM market.idempotency_keys WHERE response IS NULL}),
+	'0', 'no key was left without its response');
+$node->safe_psql('postgres', 'ALTER SYSTEM RESET log_min_messages');
+$node->reload;
+
 # 4. the worker is terminated in the middle of a second race (fresh stock)
 $node->safe_psql('postgres',
 	"SELECT market.stock_set(s, 1, $STOCK) FROM generate_series(1, 3) AS s");
