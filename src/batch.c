@@ -48,8 +48,9 @@
  * Requests: market.reserve() (market.batch_reserve) and, from 0.4,
  * market.buy_now() (market.batch_checkout).  A checkout runs in a
  * subtransaction of the batch, as the calling role, so that its error
- * undoes only itself; at most BATCH_MAX_SUBXACTS checkouts share one
- * transaction.
+ * undoes only itself; at most BATCH_MAX_CHECKOUTS checkouts share one
+ * transaction, so that their subtransactions and the chunk's key claim fit
+ * the PGPROC cache of subtransaction ids.
  *
  * Shared memory (one struct created in the shmem startup hook, see
  * market.c) holds:
@@ -105,6 +106,8 @@ PG_FUNCTION_INFO_V1(market_batch_status);
 #define BATCH_MAX_LINES			8
 #define BATCH_RESPONSE_LEN		4096	/* a buy_now response (jsonb) up to this size */
 #define BATCH_MAX_SUBXACTS		PGPROC_MAX_CACHED_SUBXIDS
+/* checkouts per batch: each is a subtransaction, and so is the chunk's key claim */
+#define BATCH_MAX_CHECKOUTS		(BATCH_MAX_SUBXACTS - 1)
 #define BATCH_LOCK_TIMEOUT_MS	"50"	/* longest lock wait inside a batch */
 #define CUSTOMER_BYTES			(MARKET_MAX_CUSTOMER_CHARS * MAX_MULTIBYTE_CHAR_LEN)
 #define KEY_BYTES				(MARKET_MAX_KEY_CHARS * MAX_MULTIBYTE_CHAR_LEN)
@@ -1132,10 +1135,12 @@ queue_length(void)
 
 /*
  * take_queued pops up to max queued backends off the ring, stopping before
- * the (BATCH_MAX_SUBXACTS + 1)th checkout, so that what it takes is one
- * transaction's worth: each checkout is a subtransaction, and with at most
- * BATCH_MAX_SUBXACTS of them the worker's subtransaction ids stay in its
- * PGPROC cache and other sessions' snapshots stay cheap.  The rest of the
+ * the (BATCH_MAX_CHECKOUTS + 1)th checkout, so that what it takes is one
+ * transaction's worth: each checkout is a subtransaction, and so is the
+ * chunk's key claim (prepare_chunk); with at most BATCH_MAX_SUBXACTS of
+ * them the worker's subtransaction ids stay in its PGPROC cache and other
+ * sessions' snapshots stay cheap (past it, every snapshot is marked
+ * overflowed and visibility checks read pg_subtrans).  The rest of the
  * queue is left to the other workers rather than applied as further
  * transactions in a row while they sit idle.  *left is what stays queued.
  */
@@ -1150,7 +1155,7 @@ take_queued(int *procnos, int max, int *left)
 	{
 		int			procno = batch_ring[(batch->head + n) % batch->capacity];
 
-		if (batch_requests[procno].kind == BK_BUY_NOW && ++checkouts > BATCH_MAX_SUBXACTS)
+		if (batch_requests[procno].kind == BK_BUY_NOW && ++checkouts > BATCH_MAX_CHECKOUTS)
 			break;
 		procnos[n++] = procno;
 	}
