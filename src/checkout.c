@@ -1069,8 +1069,9 @@ market_buy_now_prepare(MarketBuyNow *req, MarketBuyNowPending **pending_out, Dat
 	}
 
 	/*
-	 * Prices and sellers, frozen now: from the chunk's price book when it
-	 * has every SKU, else read here (which also names an unknown SKU).
+	 * Prices and sellers, frozen: from the price book the batch worker read
+	 * at the start of the chunk when it has every SKU, else read now (which
+	 * also names an unknown SKU).
 	 */
 	for (int s = 0; s < nskus && req->prices != NULL; s++)
 	{
