@@ -741,6 +741,15 @@ act_as(Oid session_user, Oid current_user, int sec_context)
 	SetUserIdAndSecContext(current_user, sec_context);
 }
 
+/* same_customer_key says whether two queued requests have the same customer and key. */
+static bool
+same_customer_key(const BatchRequest *a, const BatchRequest *b)
+{
+	return a->customer_len == b->customer_len && a->key_len == b->key_len &&
+		memcmp(a->customer, b->customer, a->customer_len) == 0 &&
+		memcmp(a->key, b->key, a->key_len) == 0;
+}
+
 /*
  * prepare_chunk does for the chunk's checkouts what is cheaper done once for
  * all of them: it rebuilds each buy_now request (mbs[i]; NULL for a
@@ -759,6 +768,7 @@ prepare_chunk(BatchAnswer *answers, int n, MarketBuyNow **mbs, MemoryContext cxt
 	ResourceOwner outer_owner = CurrentResourceOwner;
 	MarketBuyNow **buys = palloc(sizeof(MarketBuyNow *) * Max(n, 1));
 	MarketBuyNow **claims = palloc(sizeof(MarketBuyNow *) * Max(n, 1));
+	BatchRequest **claimed_by = palloc(sizeof(BatchRequest *) * Max(n, 1));
 	int			nbuys = 0;
 	int			nclaims = 0;
 	HTAB	   *book;
@@ -777,12 +787,12 @@ prepare_chunk(BatchAnswer *answers, int n, MarketBuyNow **mbs, MemoryContext cxt
 		MemoryContextSwitchTo(outer);
 		buys[nbuys++] = mbs[i];
 		for (int c = 0; c < nclaims && !repeated; c++)
-			repeated = VARSIZE(claims[c]->key) == VARSIZE(mbs[i]->key) &&
-				VARSIZE(claims[c]->customer) == VARSIZE(mbs[i]->customer) &&
-				memcmp(claims[c]->key, mbs[i]->key, VARSIZE(mbs[i]->key)) == 0 &&
-				memcmp(claims[c]->customer, mbs[i]->customer, VARSIZE(mbs[i]->customer)) == 0;
+			repeated = same_customer_key(claimed_by[c], req);
 		if (!repeated)
+		{
+			claimed_by[nclaims] = req;
 			claims[nclaims++] = mbs[i];
+		}
 	}
 	if (nbuys == 0)
 		return;
@@ -912,14 +922,8 @@ static bool
 same_key_pending(BatchRequest *req, BatchAnswer *answers, int *pending_at, int npending)
 {
 	for (int i = 0; i < npending; i++)
-	{
-		BatchRequest *other = &batch_requests[answers[pending_at[i]].procno];
-
-		if (other->customer_len == req->customer_len && other->key_len == req->key_len &&
-			memcmp(other->customer, req->customer, req->customer_len) == 0 &&
-			memcmp(other->key, req->key, req->key_len) == 0)
+		if (same_customer_key(&batch_requests[answers[pending_at[i]].procno], req))
 			return true;
-	}
 	return false;
 }
 

@@ -1323,13 +1323,11 @@ market_price_book(MarketBuyNow **reqs, int n, MemoryContext cxt)
 		bool		isnull;
 		int64		sku_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		PriceEntry *e = hash_search(book, &sku_id, HASH_ENTER, NULL);
-		char	   *currency = SPI_getvalue(tup, desc, 3);
 
 		e->price_minor = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 		e->seller_id = DatumGetInt64(SPI_getbinval(tup, desc, 4, &isnull));
-		strlcpy(e->currency, currency, sizeof(e->currency));
-		if (strlen(currency) >= sizeof(e->currency))	/* not a code: let the query path see it */
-			hash_search(book, &sku_id, HASH_REMOVE, NULL);
+		/* three letters: skus.currency has CHECK (currency ~ '^[A-Z]{3}$') */
+		strlcpy(e->currency, SPI_getvalue(tup, desc, 3), sizeof(e->currency));
 	}
 	return book;
 }
